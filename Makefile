@@ -1,0 +1,27 @@
+# Install into the active Python environment (use a virtual environment if you like).
+PYTHON ?= python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install test test-slow test-all lint tensorboard clean
+
+install:  ## CPU torch first (a plain `torch` requirement would pull a multi-GB CUDA build), then rnnlm
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:  ## the default, fast suite
+	$(PYTHON) -m pytest
+
+test-slow:  ## the long tests only (DDP on CPU, sweeps, longer training)
+	$(PYTHON) -m pytest -m slow
+
+test-all:
+	$(PYTHON) -m pytest -m "slow or not slow"
+
+lint:
+	$(PYTHON) -m ruff check src tests benchmarks
+
+tensorboard:  ## localhost only
+	tensorboard --logdir outputs --host 127.0.0.1
+
+clean:
+	rm -rf outputs .cache .pytest_cache

@@ -1,0 +1,109 @@
+"""Training callbacks: throughput, text samples after validation, hyperparameters with the best metric."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from rnnlm.datamodule import IGNORE_INDEX
+from rnnlm.sampling import generate
+
+
+class TokensPerSecond(L.Callback):
+    """Logs ``train/tokens_per_s``: scored tokens over wall time, averaged over ``window`` steps.
+
+    Wall time between batch ends counts everything a step costs (data, forward, backward, optimizer,
+    logging); validation time is left out.
+    """
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self._tokens = 0
+        self._steps = 0
+        self._since: float | None = None
+
+    def _restart(self) -> None:
+        self._tokens, self._steps, self._since = 0, 0, time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._restart()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._restart()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._since is None:
+            self._restart()
+            return
+        _, targets = batch
+        self._tokens += int((targets != IGNORE_INDEX).sum()) * trainer.world_size
+        self._steps += 1
+        if self._steps >= self.window:
+            rate = self._tokens / (time.perf_counter() - self._since)
+            pl_module.log("train/tokens_per_s", rate, prog_bar=True, rank_zero_only=True)
+            self._restart()
+
+
+class TextSamples(L.Callback):
+    """After each validation, generate a short sample and log it (TensorBoard text, ``samples.txt``).
+
+    The same seed every time, so samples at successive steps differ only through training.
+    """
+
+    def __init__(self, num_tokens: int = 200, temperature: float = 0.8, prompt: str | None = None, seed: int = 0):
+        self.num_tokens = num_tokens
+        self.temperature = temperature
+        self.prompt = prompt
+        self.seed = seed
+
+    def _prompt_ids(self, vocab) -> list[int]:
+        if self.prompt:
+            tokens = list(self.prompt) if vocab.level == "char" else self.prompt.split()
+            return vocab.encode_tokens(t for t in tokens if t in vocab or vocab.unk_id is not None)
+        return [vocab.bos_id if vocab.bos_id is not None else vocab.line_end_id]
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.num_tokens <= 0:
+            return
+        vocab = pl_module.vocab
+        prompt_ids = self._prompt_ids(vocab) or [vocab.line_end_id]
+        prompt = torch.tensor([prompt_ids], device=pl_module.device)
+        generator = torch.Generator().manual_seed(self.seed)
+        new = generate(pl_module.net, prompt, self.num_tokens, self.temperature, generator=generator)
+        text = vocab.decode(prompt_ids + new[0].tolist())
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # Markdown: indent four spaces so line breaks and spacing show as written.
+                logger.experiment.add_text("samples", "    " + text.replace("\n", "\n    "), step)
+        with open(Path(trainer.default_root_dir) / "samples.txt", "a", encoding="utf-8") as fh:
+            fh.write(f"=== step {step}\n{text}\n\n")
+
+
+class HparamsWithBest(L.Callback):
+    """At the end of fitting, record the run's hyperparameters in every logger together with its best
+    ``val/loss`` (and ``val/ppl`` or ``val/bpc``), so TensorBoard's HParams tab can compare runs."""
+
+    def __init__(self, hparams: dict | None = None):
+        self.hparams = hparams or {}
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module) -> None:
+        best = pl_module.best_val_loss.item()
+        if not trainer.loggers or best == float("inf"):
+            return
+        metrics = {"hp/val_loss_best": best}
+        if pl_module.vocab.level == "char":
+            metrics["hp/val_bpc_best"] = best / math.log(2)
+        else:
+            metrics["hp/val_ppl_best"] = math.exp(best)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.hparams, metrics=metrics)
+            logger.save()

@@ -1,0 +1,55 @@
+"""Read a training checkpoint back into a ready :class:`LanguageModel` and its vocabulary."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rnnlm.module import CHECKPOINT_KEY
+from rnnlm.network import LanguageModel
+from rnnlm.vocab import Vocab
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, damaged, unsafe, or not one of ours; the message says which."""
+
+
+@dataclass
+class LoadedModel:
+    net: LanguageModel
+    vocab: Vocab
+    info: dict  # the checkpoint's plain-data section, plus global_step
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Load ``path`` without unpickling arbitrary objects (``weights_only=True``).
+
+    Raises:
+        CheckpointError: the file does not exist, is truncated or corrupt, needs pickled code to load,
+            or was not written by rnnlm.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: give ckpt_path=RUN/checkpoints/last.ckpt")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled objects beyond plain tensors and data "
+            f"({str(err).splitlines()[0][:200]}); only load checkpoints you trust and were written by rnnlm"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from None
+    if not isinstance(data, dict) or CHECKPOINT_KEY not in data:
+        raise CheckpointError(f"{path} is not an rnnlm checkpoint (no '{CHECKPOINT_KEY}' section)")
+    info = dict(data[CHECKPOINT_KEY])
+    info["global_step"] = data.get("global_step")
+    net = LanguageModel(**info["network"])
+    prefix = "net."
+    weights = {k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)}
+    net.load_state_dict(weights)
+    net.eval()
+    return LoadedModel(net=net, vocab=Vocab.from_dict(info["vocab"]), info=info)

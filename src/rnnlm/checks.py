@@ -1,0 +1,56 @@
+"""Check a composed config before any work starts, so a mistake costs one line, not a run."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from rnnlm.corpora import CORPORA
+from rnnlm.datamodule import MODES
+from rnnlm.network import CELLS, NONLINEARITIES
+from rnnlm.vocab import LEVELS
+
+
+class ConfigError(Exception):
+    """An invalid setting; the message names the key and how to fix it."""
+
+
+def _positive(problems: list[str], key: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        extra = " or null" if allow_none else ""
+        problems.append(f"{key}={value} must be a positive integer{extra}")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` listing every problem in the model and data settings."""
+    problems: list[str] = []
+    model, data = cfg.model, cfg.data
+    if model.cell not in CELLS:
+        problems.append(f"model.cell={model.cell} is unknown: use model={'|'.join(CELLS)}")
+    _positive(problems, "model.hidden_size", model.hidden_size)
+    _positive(problems, "model.num_layers", model.num_layers)
+    _positive(problems, "model.embedding_dim", model.embedding_dim, allow_none=True)
+    if not 0 <= model.dropout < 1:
+        problems.append(f"model.dropout={model.dropout} must be in [0, 1)")
+    if model.nonlinearity not in NONLINEARITIES:
+        problems.append(f"model.nonlinearity={model.nonlinearity} must be one of {'|'.join(NONLINEARITIES)}")
+    if model.tie_weights and model.embedding_dim != model.hidden_size:
+        problems.append(
+            f"model.tie_weights=true needs model.embedding_dim ({model.embedding_dim}) == model.hidden_size "
+            f"({model.hidden_size}): set them equal or model.tie_weights=false"
+        )
+    if data.level not in LEVELS:
+        problems.append(f"data.level={data.level} must be one of {'|'.join(LEVELS)}")
+    if data.mode not in MODES:
+        problems.append(f"data.mode={data.mode} must be one of {'|'.join(MODES)}")
+    for key in ("seq_len", "batch_size", "eval_batch_size", "min_freq"):
+        _positive(problems, f"data.{key}", data[key])
+    _positive(problems, "data.max_size", data.max_size, allow_none=True)
+    if not data.path and data.corpus not in CORPORA:
+        problems.append(f"data.corpus={data.corpus} is unknown: use one of {'|'.join(CORPORA)} or data.path=FILE")
+    split = list(data.split)
+    if len(split) != 3 or any(f < 0 for f in split) or sum(split) > 1 + 1e-9:
+        problems.append(f"data.split={split} must be three fractions (train, valid, test) summing to at most 1")
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -1,0 +1,196 @@
+"""Batches for language modelling: a contiguous token stream for truncated BPTT, or one line per example."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from rnnlm.corpora import CorpusSource, DataError, named_source, path_source
+from rnnlm.prepare import PreparedCorpus, prepare
+from rnnlm.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # target id of padding: cross-entropy skips it
+MODES = ("stream", "sentence")
+
+
+class StreamChunks(IterableDataset):
+    """``(inputs, targets)`` chunks of shape ``(batch_size, <= seq_len)`` cut from one token stream.
+
+    The stream is cut into ``batch_size * world_size`` equal, contiguous columns; rank ``r`` reads
+    rows ``r*B .. r*B+B-1``, so ranks together read every token once (the last
+    ``len % columns`` tokens are dropped). Chunk k holds steps ``k*T .. k*T+T-1`` of every row, so
+    row b of chunk k+1 continues row b of chunk k and the hidden state can be carried::
+
+        stream   t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11      (B=2 columns, T=2)
+        rows     [t0 t1 t2 t3 t4 t5]                        row 0
+                 [t6 t7 t8 t9 t10 t11]                      row 1
+        chunk 0  inputs [[t0 t1],[t6 t7]]   targets [[t1 t2],[t7 t8]]
+        chunk 1  inputs [[t2 t3],[t8 t9]]   targets [[t3 t4],[t9 t10]]
+        chunk 2  inputs [[t4],[t10]]        targets [[t5],[t11]]
+
+    The target is the input shifted by one step within its row.
+    """
+
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 split: str = "train"):
+        columns = batch_size * world_size
+        self.steps = len(ids) // columns  # tokens per row
+        if self.steps < 2:
+            raise DataError(
+                f"the {split} split has {len(ids)} tokens, too few for {columns} columns of 2+ tokens "
+                f"(batch size {batch_size} x {world_size} process(es)): lower the batch size or use more text"
+            )
+        block = ids[: columns * self.steps].reshape(columns, self.steps)
+        self.rows = block[rank * batch_size : (rank + 1) * batch_size]  # (B, steps), still memory-mapped
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return math.ceil((self.steps - 1) / self.seq_len)
+
+    def __iter__(self):
+        for start in range(0, self.steps - 1, self.seq_len):
+            length = min(self.seq_len, self.steps - 1 - start)
+            window = torch.from_numpy(self.rows[:, start : start + length + 1].astype(np.int64))  # (B, T+1)
+            yield window[:, :-1], window[:, 1:]
+
+
+class Sentences(Dataset):
+    """One example per line: inputs ``<bos> t1 .. tn``, targets ``t1 .. tn <eos>`` (at most ``max_len``).
+
+    Lines are found in the stream by their line-end id; empty lines are skipped.
+    """
+
+    def __init__(self, ids: np.ndarray, line_end_id: int, bos_id: int, max_len: int):
+        ends = np.flatnonzero(np.asarray(ids) == line_end_id)
+        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+        keep = ends > starts  # a line holding only its line end is empty
+        self.starts, self.ends = starts[keep], ends[keep]
+        self.ids, self.bos_id, self.max_len = ids, bos_id, max_len
+        self.truncated = int(((self.ends + 1 - self.starts) > max_len).sum())
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        line = torch.from_numpy(self.ids[self.starts[i] : self.ends[i] + 1][: self.max_len].astype(np.int64))
+        inputs = torch.cat([torch.tensor([self.bos_id]), line[:-1]])
+        return inputs, line
+
+
+def pad_batch(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest line: inputs with id 0 (never scored), targets with IGNORE_INDEX."""
+    inputs = torch.nn.utils.rnn.pad_sequence([x for x, _ in examples], batch_first=True, padding_value=0)
+    targets = torch.nn.utils.rnn.pad_sequence([y for _, y in examples], batch_first=True, padding_value=IGNORE_INDEX)
+    return inputs, targets
+
+
+class TextDataModule(L.LightningDataModule):
+    """Word- or char-level corpus as stream chunks (truncated BPTT) or padded sentences.
+
+    Args:
+        corpus: a named corpus (see :data:`rnnlm.corpora.CORPORA`), or None when ``path`` is given.
+        path: a text file or folder; wins over ``corpus``.
+        level: ``char`` or ``word``.
+        mode: ``stream`` (contiguous columns, state carried) or ``sentence`` (one line per example).
+        seq_len: time steps per chunk (stream) or the longest example (sentence).
+        batch_size / eval_batch_size: rows per batch on each process for training / evaluation.
+        data_dir: where named corpora live (downloaded when missing).
+        cache_dir: where token ids are cached; may differ from a read-only ``data_dir``.
+    """
+
+    def __init__(
+        self,
+        corpus: str | None = "tinyshakespeare",
+        path: str | None = None,
+        level: str = "char",
+        mode: str = "stream",
+        seq_len: int = 128,
+        batch_size: int = 64,
+        eval_batch_size: int = 10,
+        min_freq: int = 1,
+        max_size: int | None = None,
+        split: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        data_dir: str = "data",
+        cache_dir: str = ".cache",
+        download: bool = True,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self._prepared: PreparedCorpus | None = None
+        self.datasets: dict[str, Dataset] = {}
+
+    def source(self) -> CorpusSource:
+        hp = self.hparams
+        if hp.path:
+            src = path_source(Path(hp.path).expanduser())
+        else:
+            src = named_source(hp.corpus, Path(hp.data_dir).expanduser(), allow_download=hp.download)
+        return dataclasses.replace(src, split=tuple(hp.split))
+
+    def load(self) -> PreparedCorpus:
+        """Token ids and vocabulary, tokenized on first use and cached."""
+        if self._prepared is None:
+            hp = self.hparams
+            source = self.source()
+            for note in source.notes:
+                log.warning(note)
+            self._prepared = prepare(source, hp.level, Path(hp.cache_dir).expanduser(), hp.mode,
+                                     hp.min_freq, hp.max_size)
+        return self._prepared
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.load().vocab
+
+    @property
+    def carries_state(self) -> bool:
+        """Stream batches continue each other, so the model carries its hidden state across them."""
+        return self.hparams.mode == "stream"
+
+    def prepare_data(self) -> None:
+        self.load()
+
+    def setup(self, stage: str | None = None) -> None:
+        prepared = self.load()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        hp = self.hparams
+        for split in ("train", "valid", "test"):
+            rows = hp.batch_size if split == "train" else hp.eval_batch_size
+            ids = prepared.splits[split]
+            if hp.mode == "stream":
+                self.datasets[split] = StreamChunks(ids, rows, hp.seq_len, rank, world, split)
+            else:
+                vocab = prepared.vocab
+                self.datasets[split] = Sentences(ids, vocab.line_end_id, vocab.bos_id, hp.seq_len)
+                if len(self.datasets[split]) == 0:
+                    raise DataError(f"the {split} split has no non-empty line: sentence mode needs lines of text")
+                if self.datasets[split].truncated:
+                    log.warning("%s: %d lines longer than data.seq_len=%d tokens are cut to it",
+                                split, self.datasets[split].truncated, hp.seq_len)
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        dataset = self.datasets[split]
+        if isinstance(dataset, StreamChunks):  # already batched, read in order
+            return DataLoader(dataset, batch_size=None)
+        rows = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
+        return DataLoader(dataset, batch_size=rows, shuffle=shuffle, collate_fn=pad_batch,
+                          num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,163 @@
+"""``RecurrentLM``: the LightningModule that trains a :class:`LanguageModel` with truncated BPTT."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from rnnlm.datamodule import IGNORE_INDEX
+from rnnlm.network import LanguageModel, State, detach_state, sequence_loss
+from rnnlm.vocab import Vocab
+
+CHECKPOINT_KEY = "rnnlm"  # the plain-data part of a checkpoint that eval/generate read
+CHECKPOINT_FORMAT = 1
+
+
+class RecurrentLM(L.LightningModule):
+    """Owns the loss, the metrics, the optimizer and the hidden state carried between stream chunks.
+
+    Args:
+        vocab: the data's vocabulary; its size sizes the embedding and decoder.
+        carry_state: stream batches continue each other: start each chunk from the previous chunk's
+            final state, detached (truncated BPTT), and restart from zeros at every epoch.
+        optimizer: ``params -> Optimizer`` (a Hydra partial).
+        scheduler: ``optimizer -> LRScheduler`` (a Hydra partial), stepped per epoch on ``val/loss``.
+        Other arguments: see :class:`LanguageModel`.
+    """
+
+    def __init__(
+        self,
+        vocab: Vocab,
+        cell: str = "lstm",
+        embedding_dim: int | None = 200,
+        hidden_size: int = 200,
+        num_layers: int = 2,
+        dropout: float = 0.2,
+        nonlinearity: str = "tanh",
+        tie_weights: bool = False,
+        init_range: float = 0.1,
+        carry_state: bool = True,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["vocab", "optimizer", "scheduler"], logger=False)
+        self.vocab = vocab
+        self.net = LanguageModel(len(vocab), cell, embedding_dim, hidden_size, num_layers, dropout,
+                                 nonlinearity, tie_weights, init_range)
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=2e-3))
+        self.scheduler_factory = scheduler
+        self.carry_state = carry_state
+        self._state: dict[str, State | None] = {"train": None, "val": None, "test": None}
+        self._eval_sums = torch.zeros(2, dtype=torch.float64)  # summed loss (nats), scored tokens
+        # Kept in the state dict so a resumed run remembers its best validation loss.
+        self.register_buffer("best_val_loss", torch.tensor(math.inf, dtype=torch.float64))
+
+    def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        return self.net(tokens, state)
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+        inputs, targets = batch  # (B, T) each; targets[:, t] is the token after inputs[:, t]
+        state = self._state[stage] if self.carry_state else None
+        if state is not None and _batch_rows(state) != inputs.size(0):
+            state = None
+        logits, state = self.net(inputs, state)  # (B, T, V)
+        if self.carry_state:
+            self._state[stage] = detach_state(state)
+        return sequence_loss(logits, targets, IGNORE_INDEX)
+
+    # ---------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        self._state["train"] = None
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        total, count = self._step(batch, "train")
+        loss = total / count
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before clipping, so the curve shows what the clipping threshold is compared against.
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            self.log("train/grad_norm", norm)
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Stopping through should_stop (rather than letting max_steps end the loop) makes Lightning
+        # validate, and so checkpoint, the final weights.
+        max_steps = self.trainer.max_steps
+        if max_steps is not None and 0 < max_steps <= self.trainer.global_step:
+            self.trainer.should_stop = True
+
+    # ---------------------------------------------------------------- evaluation
+    def _eval_start(self, stage: str) -> None:
+        self._state[stage] = None
+        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        total, count = self._step(batch, stage)
+        self._eval_sums += torch.stack([total.double(), count.double()])
+
+    def _eval_end(self, stage: str) -> float:
+        """Token-weighted mean loss over the whole split, summed across processes."""
+        total, count = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+        loss = total / max(count, 1.0)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        if self.vocab.level == "char":
+            self.log(f"{stage}/bpc", loss / math.log(2))
+        else:
+            self.log(f"{stage}/ppl", math.exp(min(loss, 700.0)))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start("val")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self._eval_end("val")
+        if not self.trainer.sanity_checking and loss < self.best_val_loss.item():
+            self.best_val_loss.fill_(loss)
+        self.log("val/loss_best", self.best_val_loss.item())
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start("test")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    # ---------------------------------------------------------------- optimization
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            # strict=False: a run that stops before its first validation has no val/loss yet.
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch", "strict": False},
+        }
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain data only, so a checkpoint loads with torch.load(weights_only=True) and needs no config.
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "network": dict(self.net.config),
+            "vocab": self.vocab.to_dict(),
+            "carry_state": self.carry_state,
+        }
+
+
+def _batch_rows(state: State) -> int:
+    return (state[0] if isinstance(state, tuple) else state).size(1)

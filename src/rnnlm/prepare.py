@@ -1,0 +1,164 @@
+"""Tokenize a corpus once: a vocabulary file plus one memory-mapped id array per split, cached.
+
+Cache layout (one folder per corpus, level and vocabulary settings)::
+
+    <cache_dir>/<name>-<level>-<key>/
+        meta.json        what was built from what, token counts per split
+        vocab.json       the vocabulary (plain data)
+        train.npy valid.npy test.npy   uint16/uint32 ids, read with mmap_mode="r"
+
+The folder is built under a temporary name and renamed into place, so an interrupted run or two
+runs racing never leave a half-written cache. Re-running with the same input is instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rnnlm.corpora import SPLITS, CorpusSource, DataError, split_lines
+from rnnlm.vocab import BOS, EOS, UNK, Vocab, build_vocab, split_line
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+_WRITE_BLOCK = 1 << 20  # ids buffered before each write to the memory map
+
+
+@dataclass
+class PreparedCorpus:
+    vocab: Vocab
+    splits: dict[str, np.ndarray]  # split -> 1-D memory-mapped ids
+    path: Path
+
+
+def specials_for(level: str, mode: str) -> list[str]:
+    """Specials every vocabulary of this kind holds: words need ``<unk>`` and ``<eos>``; sentence
+    mode starts each line with ``<bos>``. A char vocabulary gets ``<unk>`` only when needed."""
+    specials = [UNK, EOS] if level == "word" else []
+    if mode == "sentence":
+        specials.append(BOS)
+    return specials
+
+
+def cache_key(source: CorpusSource, level: str, specials: list[str], min_freq: int, max_size: int | None) -> str:
+    spec = {
+        "format": CACHE_FORMAT,
+        "source": source.identity(),
+        "level": level,
+        "specials": specials,
+        "min_freq": min_freq,
+        "max_size": max_size,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(
+    source: CorpusSource,
+    level: str,
+    cache_dir: Path,
+    mode: str = "stream",
+    min_freq: int = 1,
+    max_size: int | None = None,
+) -> PreparedCorpus:
+    """Load the cached token ids of ``source``, building them first if needed."""
+    specials = specials_for(level, mode)
+    folder = cache_dir / f"{source.name}-{level}-{cache_key(source, level, specials, min_freq, max_size)}"
+    if not (folder / "meta.json").is_file():
+        _build(source, level, specials, min_freq, max_size, folder)
+    else:
+        log.info("Using cached tokens in %s", folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    for note in meta["notes"]:
+        log.warning(note)
+    vocab = Vocab.from_dict(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
+    splits = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in SPLITS}
+    return PreparedCorpus(vocab=vocab, splits=splits, path=folder)
+
+
+def _build(
+    source: CorpusSource, level: str, specials: list[str], min_freq: int, max_size: int | None, folder: Path
+) -> None:
+    log.info("Tokenizing %s (%s level) into %s", source.name, level, folder)
+    # Pass 1: token counts per split and the training-split frequencies.
+    counts = Counter()
+    lengths = dict.fromkeys(SPLITS, 0)
+    unseen: set[str] = set()  # char level: characters of valid/test that train lacks
+    for split, line in split_lines(source):
+        tokens = split_line(line, level)
+        lengths[split] += len(tokens)
+        if split == "train":
+            counts.update(tokens)
+        elif level == "char":
+            unseen.update(tokens)
+    if lengths["train"] == 0:
+        raise DataError(f"corpus {source.name!r} has no training text: the file(s) {_paths(source)} are empty")
+    if level == "char":
+        unseen -= counts.keys()
+        if unseen or min_freq > 1 or max_size is not None:
+            specials = [UNK, *specials]
+    vocab = build_vocab(counts, level, specials, min_freq=min_freq, max_size=max_size)
+    dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max else np.uint32
+
+    cache_root = folder.parent
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root))
+    try:
+        # Pass 2: encode straight into the memory maps, a block at a time.
+        arrays = {
+            s: np.lib.format.open_memmap(tmp / f"{s}.npy", mode="w+", dtype=dtype, shape=(lengths[s],))
+            for s in SPLITS
+        }
+        filled = dict.fromkeys(SPLITS, 0)
+        pending: dict[str, list[int]] = {s: [] for s in SPLITS}
+
+        def flush(split: str) -> None:
+            ids = pending[split]
+            arrays[split][filled[split] : filled[split] + len(ids)] = ids
+            filled[split] += len(ids)
+            ids.clear()
+
+        for split, line in split_lines(source):
+            pending[split].extend(vocab.encode_tokens(split_line(line, level)))
+            if len(pending[split]) >= _WRITE_BLOCK:
+                flush(split)
+        for split in SPLITS:
+            flush(split)
+            arrays[split].flush()
+        arrays.clear()  # close the memory maps before reading them back
+        unk_count = {s: 0 for s in SPLITS}
+        if vocab.unk_id is not None:
+            for s in SPLITS:
+                unk_count[s] = int((np.load(tmp / f"{s}.npy", mmap_mode="r") == vocab.unk_id).sum())
+        meta = {
+            "format": CACHE_FORMAT,
+            "corpus": source.name,
+            "level": level,
+            "source": source.identity(),
+            "vocab_size": len(vocab),
+            "tokens": lengths,
+            "unk": unk_count,
+            "notes": list(dict.fromkeys(source.notes)),  # both passes may add the same note
+        }
+        (tmp / "vocab.json").write_text(json.dumps(vocab.to_dict(), ensure_ascii=False), encoding="utf-8")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():  # not a concurrent run finishing first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _paths(source: CorpusSource) -> str:
+    return ", ".join(str(p) for paths in source.files.values() for p in paths)

@@ -1,0 +1,90 @@
+"""Train a recurrent language model from the composed Hydra config (``conf/train.yaml``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rnnlm.callbacks import HparamsWithBest
+from rnnlm.checkpoint import CheckpointError
+from rnnlm.checks import ConfigError, check_train_config
+from rnnlm.corpora import DataError
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def run_hparams(cfg: DictConfig) -> dict:
+    """The settings worth comparing runs by, flattened for the loggers."""
+    full = OmegaConf.to_container(cfg, resolve=True)
+    plain = {k: full[k] for k in ("model", "data", "optimizer", "scheduler", "seed") if k in full}
+    plain["trainer"] = {k: full["trainer"].get(k) for k in ("max_steps", "max_epochs", "gradient_clip_val")}
+    for group in ("model", "optimizer", "scheduler"):
+        if isinstance(plain.get(group), dict):
+            plain[group].pop("_partial_", None)
+    return plain
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and optionally test) the model the config describes; return the final metrics."""
+    check_train_config(cfg)
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist: give RUN/checkpoints/last.ckpt")
+    if cfg.seed is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    # _convert_="all": plain lists and dicts, which checkpoints can hold and weights_only loading accepts.
+    datamodule = instantiate(cfg.data, _convert_="all")
+    vocab = datamodule.vocab  # tokenizes and caches on the first run
+    # Built through a partial: Hydra would turn a dataclass argument (the vocabulary) into a config.
+    model = instantiate(cfg.model, _partial_=True, _convert_="all")(
+        vocab=vocab,
+        carry_state=datamodule.carries_state,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,  # `scheduler=null` drops it
+    )
+    splits = datamodule.load().splits
+    log.info(
+        "%s | %s level, %s mode | vocab %d | tokens train %d valid %d test %d | %s %d params",
+        datamodule.load().path.name, vocab.level, cfg.data.mode, len(vocab),
+        len(splits["train"]), len(splits["valid"]), len(splits["test"]), cfg.model.cell, model.net.num_parameters(),
+    )
+
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [HparamsWithBest(run_hparams(cfg))]
+    loggers = [instantiate(lg) for lg in cfg.logger.values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    log.info("Run folder: %s", cfg.paths.output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get(cfg.optimized_metric)
+
+
+def main() -> None:
+    """Console entry point: ``rnnlm-train [overrides]``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

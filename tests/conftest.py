@@ -1,0 +1,75 @@
+"""Shared fixtures: the real config composed and shrunk, small corpora written on the spot, and the
+offline copies of the real corpora (``RNNLM_DATA_DIR``, default ``../shared/data``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from rnnlm.train import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RNNLM_DATA_DIR", REPO.parent / "shared" / "data"))
+
+# Small enough that a run takes seconds on two CPU cores.
+TINY = [
+    "model.embedding_dim=16",
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "data.seq_len=16",
+    "data.batch_size=4",
+    "data.eval_batch_size=2",
+    "trainer.max_steps=4",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.accelerator=cpu",
+    "callbacks.text_samples.num_tokens=20",
+]
+
+PANGRAMS = [
+    "the quick brown fox jumps over the lazy dog",
+    "pack my box with five dozen liquor jugs",
+    "how vexingly quick daft zebras jump",
+    "the five boxing wizards jump quickly",
+]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "ptb" / "ptb.train.txt").is_file():
+        pytest.fail(f"the offline corpora are missing: set RNNLM_DATA_DIR (looked in {SHARED_DATA})")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One token cache for the whole session, so each real corpus is tokenized once."""
+    return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path) -> Path:
+    """A small repetitive text (200 lines) that a model can learn in a few dozen steps."""
+    path = tmp_path / "tiny.txt"
+    path.write_text("\n".join(PANGRAMS * 50) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_cfg(tmp_path, shared_data, cache_dir):
+    """Compose conf/train.yaml with overrides, outputs under tmp_path, tiny sizes by default."""
+
+    def _make(*overrides: str, tiny: bool = True, run_dir: Path | None = None) -> DictConfig:
+        run_dir = run_dir or tmp_path / "run"
+        base = [f"paths.data_dir={shared_data}", f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}"]
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=base + (TINY if tiny else []) + list(overrides))
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run_dir)
+        return cfg
+
+    return _make

@@ -1,0 +1,117 @@
+"""End to end: a run trains, logs, checkpoints, resumes; bad input gets one line and a non-zero exit."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rnnlm.checkpoint import load_checkpoint
+from rnnlm.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_loss_falls_when_overfitting_a_tiny_corpus(make_cfg, tiny_corpus, cell, level):
+    cfg = make_cfg(f"model={cell}", f"data={level}", f"data.path={tiny_corpus}", "trainer.max_steps=60",
+                   "trainer.max_epochs=100", "model.dropout=0", "optimizer.lr=0.01", "test=false",
+                   "trainer.val_check_interval=30", "trainer.check_val_every_n_epoch=null")
+    metrics = train(cfg)
+    curve = scalars(Path(cfg.paths.output_dir))["train/loss"]
+    assert curve[-1] < 0.5 * curve[0], curve
+    assert metrics["val/loss_best"] < 0.5 * math.log(100 if level == "char" else 40)
+
+
+def test_a_run_leaves_checkpoints_events_config_and_samples(make_cfg, tiny_corpus):
+    cfg = make_cfg(f"data.path={tiny_corpus}", "trainer.max_steps=6")
+    metrics = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "checkpoints" / "best.ckpt").is_file()
+    logged = scalars(run)
+    for tag in ("train/loss", "train/grad_norm", "train/lr", "val/loss", "val/bpc", "val/loss_best", "test/bpc",
+                "hp/val_loss_best"):
+        assert tag in logged, tag
+    assert metrics["test/bpc"] == pytest.approx(metrics["test/loss"] / math.log(2))
+    assert "=== step 6" in (run / "samples.txt").read_text()
+    # the checkpoint alone rebuilds the model: plain data, loads with weights_only=True
+    raw = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert raw["global_step"] == 6
+    loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert loaded.vocab.level == "char" and loaded.net.config["cell"] == "lstm"
+    assert loaded.net.config["vocab_size"] == len(loaded.vocab)
+
+
+def test_word_run_reports_perplexity(make_cfg):
+    cfg = make_cfg("data=word", "trainer.max_steps=3", "test=false", "data.eval_batch_size=64")
+    metrics = train(cfg)
+    assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-5)
+    assert 5000 < metrics["val/ppl"] < 20000  # near-uniform over the 10k PTB words after 3 steps
+
+
+def test_resume_continues_the_global_step(make_cfg, tiny_corpus, tmp_path):
+    first = make_cfg(f"data.path={tiny_corpus}", "trainer.max_steps=5", "test=false", run_dir=tmp_path / "a")
+    train(first)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    again = make_cfg(f"data.path={tiny_corpus}", "trainer.max_steps=9", "trainer.max_epochs=5", "test=false",
+                     f"ckpt_path={last}", run_dir=tmp_path / "b")
+    train(again)
+    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+    steps = [e.step for e in _events(tmp_path / "b", "train/loss")]
+    assert min(steps) >= 5  # logging went on from the restored step, not from zero
+
+
+def _events(run: Path, tag: str):
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return events.Scalars(tag)
+
+
+def run_cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(REPO / "src" / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.hidden_size=0", "model.hidden_size=0 must be a positive integer"),
+        ("model.dropout=1.5", "model.dropout=1.5 must be in [0, 1)"),
+        ("data.corpus=nope", "data.corpus=nope is unknown"),
+        ("model.tie_weights=true", "model.tie_weights=true needs model.embedding_dim"),
+    ],
+)
+def test_bad_config_is_one_clear_line_and_exit_2(tmp_path, override, message):
+    result = run_cli("model.embedding_dim=16", "model.hidden_size=32", override, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs" / "train" / "runs").exists() or not any(
+        (tmp_path / "outputs" / "train" / "runs").rglob("*.ckpt"))
+
+
+def test_sweep_runs_one_job_per_model(tmp_path, tiny_corpus, cache_dir):
+    result = run_cli("-m", "model=rnn,lstm,gru", f"data.path={tiny_corpus}", f"paths.cache_dir={cache_dir}",
+                     "model.hidden_size=16", "model.embedding_dim=8", "model.num_layers=1", "data.seq_len=8",
+                     "data.batch_size=4", "trainer.max_steps=2", "test=false", "trainer.accelerator=cpu",
+                     "~callbacks.progress_bar", "~callbacks.model_summary", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "outputs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2"]
+    for job in jobs:
+        assert (sweeps[0] / job / "checkpoints" / "last.ckpt").is_file()
