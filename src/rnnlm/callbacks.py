@@ -105,5 +105,9 @@ class HparamsWithBest(L.Callback):
         else:
             metrics["hp/val_ppl_best"] = math.exp(best)
         for logger in trainer.loggers:
-            logger.log_hyperparams(self.hparams, metrics=metrics)
+            if isinstance(logger, TensorBoardLogger):  # ties the metrics to the hparams in the HParams tab
+                logger.log_hyperparams(self.hparams, metrics=metrics)
+            else:
+                logger.log_hyperparams(self.hparams)
+                logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()

@@ -108,11 +108,13 @@ class RecurrentLM(L.LightningModule):
         """Token-weighted mean loss over the whole split, summed across processes."""
         total, count = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
         loss = total / max(count, 1.0)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        # Every process now holds the same value; sync_dist only averages equal numbers (and keeps
+        # Lightning from warning about unsynchronised epoch metrics).
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         if self.vocab.level == "char":
-            self.log(f"{stage}/bpc", loss / math.log(2))
+            self.log(f"{stage}/bpc", loss / math.log(2), sync_dist=True)
         else:
-            self.log(f"{stage}/ppl", math.exp(min(loss, 700.0)))
+            self.log(f"{stage}/ppl", math.exp(min(loss, 700.0)), sync_dist=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -125,7 +127,7 @@ class RecurrentLM(L.LightningModule):
         loss = self._eval_end("val")
         if not self.trainer.sanity_checking and loss < self.best_val_loss.item():
             self.best_val_loss.fill_(loss)
-        self.log("val/loss_best", self.best_val_loss.item())
+        self.log("val/loss_best", self.best_val_loss.item(), sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self._eval_start("test")
