@@ -33,8 +33,11 @@ def run_hparams(cfg: DictConfig) -> dict:
     return plain
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (and optionally test) the model the config describes; return the final metrics."""
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, float]:
+    """Fit (and optionally test) the model the config describes; return the final metrics.
+
+    ``extra_callbacks`` join the configured ones (for programs that drive training, e.g. benchmarks).
+    """
     check_train_config(cfg)
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist: give RUN/checkpoints/last.ckpt")
@@ -59,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [HparamsWithBest(run_hparams(cfg))]
+    callbacks += list(extra_callbacks)
     loggers = [instantiate(lg) for lg in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
