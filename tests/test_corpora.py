@@ -124,3 +124,10 @@ def test_char_vocab_gets_unk_only_for_unseen_characters(tmp_path):
     prepared = prepare(CorpusSource("t", {"all": [text]}), "char", tmp_path / "cache")
     assert prepared.vocab.unk_id == 0 and "x" not in prepared.vocab
     assert (np.asarray(prepared.splits["valid"]) == 0).sum() == 2
+
+
+def test_wikitext2_tokens_match_the_published_counts(shared_data, cache_dir):
+    prepared = prepare(named_source("wikitext2", shared_data), "word", cache_dir)
+    assert len(prepared.vocab) == 33278
+    assert {s: len(a) for s, a in prepared.splits.items()} == {"train": 2088628, "valid": 217646, "test": 245569}
+    assert prepared.splits["train"].dtype == np.uint16

@@ -115,3 +115,34 @@ def test_sweep_runs_one_job_per_model(tmp_path, tiny_corpus, cache_dir):
     assert jobs == ["0", "1", "2"]
     for job in jobs:
         assert (sweeps[0] / job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_sentence_mode_trains_on_padded_lines(make_cfg, tiny_corpus):
+    cfg = make_cfg("data=word", "data.mode=sentence", f"data.path={tiny_corpus}", "trainer.max_steps=80",
+                   "data.batch_size=16", "trainer.max_epochs=100", "model.dropout=0", "optimizer.lr=0.02",
+                   "test=false")
+    metrics = train(cfg)
+    loaded = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert loaded.vocab.bos_id is not None and loaded.info["carry_state"] is False
+    # only the first word of a line is uncertain (1 of 3); the rest follow
+    assert metrics["val/loss"] < 0.3 * math.log(len(loaded.vocab))
+
+
+def test_one_hot_input_has_no_embedding(make_cfg, tiny_corpus):
+    cfg = make_cfg("model.embedding_dim=null", f"data.path={tiny_corpus}", "test=false")
+    train(cfg)
+    loaded = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert loaded.net.embedding is None
+    assert loaded.net.backbone.rnn.input_size == len(loaded.vocab)
+
+
+@pytest.mark.parametrize("corpus", ["alice", "nsmc"])
+def test_named_char_corpora_train(make_cfg, corpus):
+    cfg = make_cfg(f"data.corpus={corpus}", "trainer.max_steps=2", "test=false")
+    metrics = train(cfg)
+    vocab = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").vocab
+    assert "\ufeff" not in vocab  # Alice's byte-order mark is not text
+    if corpus == "nsmc":
+        assert "운" in vocab and "\t" not in vocab  # the review column only, Hangul included
+        assert len(vocab) > 2000
+    assert metrics["val/bpc"] > 0
