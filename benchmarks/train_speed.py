@@ -24,7 +24,8 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
-from rnnlm.train import CONF_DIR, train
+from rnnlm.cli import CONF_DIR
+from rnnlm.train import train
 
 
 class StepTimer(L.Callback):

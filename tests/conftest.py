@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from rnnlm.train import CONF_DIR
+from rnnlm.cli import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RNNLM_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -51,12 +51,27 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("token-cache")
 
 
-@pytest.fixture
-def tiny_corpus(tmp_path) -> Path:
+def write_tiny_corpus(folder: Path) -> Path:
     """A small repetitive text (200 lines) that a model can learn in a few dozen steps."""
-    path = tmp_path / "tiny.txt"
+    path = folder / "tiny.txt"
     path.write_text("\n".join(PANGRAMS * 50) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path) -> Path:
+    return write_tiny_corpus(tmp_path)
+
+
+def compose_train(overrides: list[str], run_dir: Path, data_dir: Path, cache_dir: Path,
+                  tiny: bool = True) -> DictConfig:
+    """conf/train.yaml with overrides, writing to run_dir; tiny sizes unless tiny=False."""
+    base = [f"paths.data_dir={data_dir}", f"paths.cache_dir={cache_dir}", f"paths.log_dir={run_dir.parent}"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=base + (TINY if tiny else []) + list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
 
 
 @pytest.fixture
@@ -64,12 +79,6 @@ def make_cfg(tmp_path, shared_data, cache_dir):
     """Compose conf/train.yaml with overrides, outputs under tmp_path, tiny sizes by default."""
 
     def _make(*overrides: str, tiny: bool = True, run_dir: Path | None = None) -> DictConfig:
-        run_dir = run_dir or tmp_path / "run"
-        base = [f"paths.data_dir={shared_data}", f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}"]
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=base + (TINY if tiny else []) + list(overrides))
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(run_dir)
-        return cfg
+        return compose_train(list(overrides), run_dir or tmp_path / "run", shared_data, cache_dir, tiny)
 
     return _make

@@ -6,7 +6,8 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from rnnlm.train import CONF_DIR, train
+from rnnlm.cli import CONF_DIR
+from rnnlm.train import train
 
 
 def choices(group: str) -> list[str]:

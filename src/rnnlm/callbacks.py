@@ -62,22 +62,18 @@ class TextSamples(L.Callback):
         self.prompt = prompt
         self.seed = seed
 
-    def _prompt_ids(self, vocab) -> list[int]:
-        if self.prompt:
-            tokens = list(self.prompt) if vocab.level == "char" else self.prompt.split()
-            return vocab.encode_tokens(t for t in tokens if t in vocab or vocab.unk_id is not None)
-        return [vocab.bos_id if vocab.bos_id is not None else vocab.line_end_id]
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._prompt_ids = pl_module.vocab.encode_text(self.prompt or "")  # a bad prompt fails before training
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self.num_tokens <= 0:
             return
         vocab = pl_module.vocab
-        prompt_ids = self._prompt_ids(vocab) or [vocab.line_end_id]
-        prompt = torch.tensor([prompt_ids], device=pl_module.device)
+        prompt = torch.tensor([self._prompt_ids], device=pl_module.device)
         generator = torch.Generator().manual_seed(self.seed)
         new = generate(pl_module.net, prompt, self.num_tokens, self.temperature, generator=generator)
-        text = vocab.decode(prompt_ids + new[0].tolist())
+        text = vocab.decode(self._prompt_ids[1:] + new[0].tolist())
         step = trainer.global_step
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

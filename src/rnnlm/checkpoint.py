@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rnnlm.module import CHECKPOINT_KEY
+from rnnlm.module import CHECKPOINT_KEY, RecurrentLM
 from rnnlm.network import LanguageModel
 from rnnlm.vocab import Vocab
 
@@ -19,9 +19,14 @@ class CheckpointError(Exception):
 
 @dataclass
 class LoadedModel:
-    net: LanguageModel
+    module: RecurrentLM  # in eval mode, on map_location
     vocab: Vocab
     info: dict  # the checkpoint's plain-data section, plus global_step
+    data: dict  # the training data settings (TextDataModule arguments), {} if unknown
+
+    @property
+    def net(self) -> LanguageModel:
+        return self.module.net
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
@@ -36,10 +41,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} does not exist: give ckpt_path=RUN/checkpoints/last.ckpt")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
+    except pickle.UnpicklingError:
         raise CheckpointError(
-            f"refusing to load {path}: it holds pickled objects beyond plain tensors and data "
-            f"({str(err).splitlines()[0][:200]}); only load checkpoints you trust and were written by rnnlm"
+            f"refusing to load {path}: it needs arbitrary pickled objects to load, which could run code; "
+            "rnnlm checkpoints hold only tensors and plain data"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from None
@@ -47,9 +52,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not an rnnlm checkpoint (no '{CHECKPOINT_KEY}' section)")
     info = dict(data[CHECKPOINT_KEY])
     info["global_step"] = data.get("global_step")
-    net = LanguageModel(**info["network"])
-    prefix = "net."
-    weights = {k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)}
-    net.load_state_dict(weights)
-    net.eval()
-    return LoadedModel(net=net, vocab=Vocab.from_dict(info["vocab"]), info=info)
+    vocab = Vocab.from_dict(info["vocab"])
+    network = {k: v for k, v in info["network"].items() if k != "vocab_size"}
+    module = RecurrentLM(vocab, carry_state=info["carry_state"], **network)
+    module.load_state_dict(data["state_dict"])
+    module.eval()
+    return LoadedModel(module=module, vocab=vocab, info=info, data=dict(data.get("datamodule_hyper_parameters") or {}))

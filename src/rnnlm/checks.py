@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from rnnlm.corpora import CORPORA
@@ -52,5 +54,31 @@ def check_train_config(cfg: DictConfig) -> None:
     split = list(data.split)
     if len(split) != 3 or any(f < 0 for f in split) or sum(split) > 1 + 1e-9:
         problems.append(f"data.split={split} must be three fractions (train, valid, test) summing to at most 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _require_checkpoint(problems: list[str], cfg: DictConfig) -> None:
+    if not cfg.ckpt_path:
+        problems.append("ckpt_path is required: ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt")
+
+
+def check_generate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` listing every problem in the sampling settings."""
+    problems: list[str] = []
+    _require_checkpoint(problems, cfg)
+    if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 0:
+        problems.append(f"max_new_tokens={cfg.max_new_tokens} must be an integer >= 0")
+    _positive(problems, "num_samples", cfg.num_samples)
+    if not cfg.greedy and not cfg.temperature > 0:
+        problems.append(f"temperature={cfg.temperature} must be > 0 (or set greedy=true)")
+    if cfg.top_k is not None and (not isinstance(cfg.top_k, int) or cfg.top_k < 1):
+        problems.append(f"top_k={cfg.top_k} must be an integer >= 1 (or null)")
+    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
+        problems.append(f"top_p={cfg.top_p} must be in (0, 1] (or null)")
+    if cfg.prompt and cfg.prompt_file:
+        problems.append("give prompt=... or prompt_file=..., not both")
+    if cfg.prompt_file and not Path(cfg.prompt_file).is_file():
+        problems.append(f"prompt_file={cfg.prompt_file} does not exist")
     if problems:
         raise ConfigError("; ".join(problems))

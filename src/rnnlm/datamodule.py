@@ -93,6 +93,13 @@ def pad_batch(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     return inputs, targets
 
 
+def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers: int = 0) -> DataLoader:
+    """Stream chunks come batched and in order; sentences are shuffled (if asked) and padded ``rows`` at a time."""
+    if isinstance(dataset, StreamChunks):
+        return DataLoader(dataset, batch_size=None)
+    return DataLoader(dataset, batch_size=rows, shuffle=shuffle, collate_fn=pad_batch, num_workers=num_workers)
+
+
 class TextDataModule(L.LightningDataModule):
     """Word- or char-level corpus as stream chunks (truncated BPTT) or padded sentences.
 
@@ -179,12 +186,8 @@ class TextDataModule(L.LightningDataModule):
                                 split, self.datasets[split].truncated, hp.seq_len)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        dataset = self.datasets[split]
-        if isinstance(dataset, StreamChunks):  # already batched, read in order
-            return DataLoader(dataset, batch_size=None)
         rows = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
-        return DataLoader(dataset, batch_size=rows, shuffle=shuffle, collate_fn=pad_batch,
-                          num_workers=self.hparams.num_workers)
+        return make_loader(self.datasets[split], rows, shuffle, self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -111,6 +111,7 @@ class RecurrentLM(L.LightningModule):
         # Every process now holds the same value; sync_dist only averages equal numbers (and keeps
         # Lightning from warning about unsynchronised epoch metrics).
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}/tokens", count, sync_dist=True)
         if self.vocab.level == "char":
             self.log(f"{stage}/bpc", loss / math.log(2), sync_dist=True)
         else:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnlm.corpora import SPLITS, CorpusSource, DataError, split_lines
+from rnnlm.corpora import SPLITS, CorpusSource, DataError, read_lines, split_lines
 from rnnlm.vocab import BOS, EOS, UNK, Vocab, build_vocab, split_line
 
 log = logging.getLogger(__name__)
@@ -162,3 +162,35 @@ def _build(
 
 def _paths(source: CorpusSource) -> str:
     return ", ".join(str(p) for paths in source.files.values() for p in paths)
+
+
+def encode_text(source: CorpusSource, level: str, vocab: Vocab, split: str | None) -> np.ndarray:
+    """Ids of one split of ``source`` (all of its text when ``split`` is None) in a fixed vocabulary.
+
+    Raises:
+        DataError: the text has characters a char vocabulary without ``<unk>`` cannot encode.
+    """
+    if split is None:
+        lines = (line for paths in source.files.values() for p in paths for line in read_lines(p, source.tsv_column))
+    else:
+        lines = (line for s, line in split_lines(source) if s == split)
+    dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max else np.uint32
+    blocks, pending, unknown = [], [], set()
+    for line in lines:
+        tokens = split_line(line, level)
+        if vocab.unk_id is None:
+            unknown.update(t for t in tokens if t not in vocab)
+            if unknown:
+                continue
+        pending.extend(vocab.encode_tokens(tokens))
+        if len(pending) >= _WRITE_BLOCK:
+            blocks.append(np.asarray(pending, dtype=dtype))
+            pending = []
+    if unknown:
+        shown = ", ".join(repr(t) for t in sorted(unknown)[:20])
+        raise DataError(
+            f"the text has {len(unknown)} character(s) the model's vocabulary lacks and it has no <unk>: {shown}. "
+            "Evaluate on text of the same alphabet, or train with that text in the training split"
+        )
+    blocks.append(np.asarray(pending, dtype=dtype))
+    return np.concatenate(blocks)

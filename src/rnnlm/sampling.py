@@ -1,11 +1,91 @@
-"""Text generation: encode the prompt once, then one recurrent step per new token with the carried state."""
+"""Text generation: encode the prompt once, then one recurrent step per new token with the carried state.
+
+At batch size 1 a call of ``torch.nn.LSTM`` costs far more in per-call overhead than in arithmetic,
+so new tokens go through :class:`Stepper`: the same weights, laid out once as one matrix per layer
+over ``[x, h]``, so each layer costs one ``addmm`` plus its gates.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from rnnlm.network import LanguageModel
+from rnnlm.network import LanguageModel, State
+
+
+class Stepper:
+    """Advance a :class:`LanguageModel` (in eval mode) by one token per call, on its own weights.
+
+    Computes what ``torch.nn.RNN/LSTM/GRU`` compute for one time step:
+
+    - rnn:  ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``
+    - lstm: ``i, f, g, o = split(W_ih x + b_ih + W_hh h + b_hh)``; ``c' = σ(f)c + σ(i)tanh(g)``; ``h' = σ(o)tanh(c')``
+    - gru:  ``r, z = σ(split(W_ih x + b_ih + W_hh h + b_hh)[:2])``;
+      ``n = tanh(W_in x + b_in + r∘(W_hn h + b_hn))``; ``h' = (1-z)∘n + z∘h``
+    """
+
+    def __init__(self, net: LanguageModel):
+        rnn = net.backbone.rnn
+        self.cell = net.config["cell"]
+        self.hidden = rnn.hidden_size
+        self.relu = self.cell == "rnn" and rnn.nonlinearity == "relu"
+        self.layers = []
+        with torch.no_grad():
+            for k in range(rnn.num_layers):
+                w_ih, w_hh = getattr(rnn, f"weight_ih_l{k}"), getattr(rnn, f"weight_hh_l{k}")
+                b_ih, b_hh = getattr(rnn, f"bias_ih_l{k}"), getattr(rnn, f"bias_hh_l{k}")
+                if self.cell == "gru":  # the candidate's recurrent part is gated by r: keep it apart
+                    self.layers.append((w_ih.t().contiguous(), b_ih.clone(), w_hh.t().contiguous(), b_hh.clone()))
+                else:  # (I + H, G*H): one product over the concatenation [x, h]
+                    self.layers.append((torch.cat([w_ih, w_hh], 1).t().contiguous(), b_ih + b_hh))
+            self.embedding = None if net.embedding is None else net.embedding.weight.detach()
+            self.decoder_w = net.decoder.weight.detach().t().contiguous()  # (H, V)
+            self.decoder_b = net.decoder.bias.detach()
+        self.vocab_size = net.vocab_size
+
+    def split_state(self, state: State) -> list:
+        """``nn`` state (num_layers, B, H) [pair] -> per-layer list of h or (h, c)."""
+        if self.cell == "lstm":
+            h, c = state
+            return [(h[k], c[k]) for k in range(h.size(0))]
+        return list(state.unbind(0))
+
+    def join_state(self, layers: list) -> State:
+        if self.cell == "lstm":
+            return torch.stack([h for h, _ in layers]), torch.stack([c for _, c in layers])
+        return torch.stack(layers)
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, layers: list) -> tuple[Tensor, list]:
+        """tokens (B,) and per-layer state -> next-token logits (B, V) and the new per-layer state."""
+        if self.embedding is None:
+            x = F.one_hot(tokens, self.vocab_size).to(self.decoder_w.dtype)
+        else:
+            x = self.embedding[tokens]
+        new = []
+        for weights, state in zip(self.layers, layers, strict=True):
+            if self.cell == "lstm":
+                w, b = weights
+                h, c = state
+                i, f, g, o = torch.addmm(b, torch.cat([x, h], 1), w).chunk(4, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                x = torch.sigmoid(o) * torch.tanh(c)
+                new.append((x, c))
+            elif self.cell == "gru":
+                w_ih, b_ih, w_hh, b_hh = weights
+                xr, xz, xn = torch.addmm(b_ih, x, w_ih).chunk(3, 1)
+                hr, hz, hn = torch.addmm(b_hh, state, w_hh).chunk(3, 1)
+                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                n = torch.tanh(xn + r * hn)
+                x = n + z * (state - n)  # (1 - z) n + z h
+                new.append(x)
+            else:
+                w, b = weights
+                pre = torch.addmm(b, torch.cat([x, state], 1), w)
+                x = torch.relu(pre) if self.relu else torch.tanh(pre)
+                new.append(x)
+        return torch.addmm(self.decoder_b, x, self.decoder_w), new
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -16,10 +96,20 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+def next_tokens(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, greedy: bool,
+                generator: torch.Generator | None) -> Tensor:
+    """Pick one token per row of logits (B, V) -> (B,). Sampling draws on the CPU generator, so a
+    seed gives the same text on any device."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
 @torch.no_grad()
@@ -32,26 +122,32 @@ def generate(
     top_p: float | None = None,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    stop_id: int | None = None,
 ) -> Tensor:
-    """Continue every row of ``prompt`` (B, P) by ``max_new_tokens`` ids -> (B, max_new_tokens).
+    """Continue every row of ``prompt`` (B, P) by up to ``max_new_tokens`` ids -> (B, N).
 
-    The prompt is read once; each new token costs one step of the network on the carried state.
+    The prompt is read once by the fused kernel; each new token costs one :class:`Stepper` step.
+    With ``stop_id``, generation ends once every row has produced it (later positions of rows that
+    stopped early repeat ``stop_id``).
     """
     was_training = net.training
     net.eval()
     try:
         logits, state = net(prompt)
-        next_logits = logits[:, -1]
+        logits = logits[:, -1]
+        stepper = Stepper(net)
+        layers = stepper.split_state(state)
         new = []
+        done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
         for _ in range(max_new_tokens):
-            if greedy:
-                token = next_logits.argmax(-1, keepdim=True)
-            else:
-                probs = filter_logits(next_logits / temperature, top_k, top_p).softmax(-1)
-                token = torch.multinomial(probs.float().cpu(), 1, generator=generator).to(prompt.device)
+            token = next_tokens(logits, temperature, top_k, top_p, greedy, generator)
+            if stop_id is not None:
+                token = token.masked_fill(done, stop_id)
+                done |= token == stop_id
             new.append(token)
-            logits, state = net(token, state)
-            next_logits = logits[:, -1]
-        return torch.cat(new, dim=1) if new else prompt.new_zeros(prompt.size(0), 0)
+            if len(new) == max_new_tokens or (stop_id is not None and bool(done.all())):
+                break
+            logits, layers = stepper.step(token, layers)
+        return torch.stack(new, 1) if new else prompt.new_zeros(prompt.size(0), 0)
     finally:
         net.train(was_training)

@@ -7,8 +7,6 @@ import ctypes.util
 import logging
 import os
 import platform
-import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -18,17 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from rnnlm.callbacks import HparamsWithBest
 from rnnlm.checkpoint import CheckpointError
-from rnnlm.checks import ConfigError, check_train_config
-from rnnlm.corpora import DataError
+from rnnlm.checks import check_train_config
+from rnnlm.cli import CONF_DIR, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
-# The stream loader is an IterableDataset with a length, read without worker processes, so the
-# length is exact; Lightning's warning about workers duplicating data does not apply.
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def keep_freed_memory() -> bool:
@@ -104,13 +96,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, 
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@exit_on_user_error
 def _hydra_main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    return metrics.get(cfg.optimized_metric)
+    return train(cfg).get(cfg.optimized_metric)
 
 
 def main() -> None:

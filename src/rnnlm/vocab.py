@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 UNK = "<unk>"
 EOS = "<eos>"
 BOS = "<bos>"
 LEVELS = ("char", "word")
+
+
+class VocabularyError(ValueError):
+    """Text that the vocabulary cannot encode; the message names the tokens."""
 
 
 def split_line(line: str, level: str) -> list[str]:
@@ -62,6 +69,30 @@ class Vocab:
         if unk is None:
             return [index[t] for t in tokens]
         return [index.get(t, unk) for t in tokens]
+
+    @property
+    def start_id(self) -> int:
+        """What a fresh text starts from: ``<bos>`` if the model was trained with it, else a line end."""
+        return self.bos_id if self.bos_id is not None else self.line_end_id
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of a user's text (a prompt, a sentence to score), preceded by :attr:`start_id`.
+
+        Words outside the vocabulary read as ``<unk>`` with a warning. Characters outside a char
+        vocabulary are an error unless it has ``<unk>``.
+
+        Raises:
+            VocabularyError: unknown characters and no ``<unk>``.
+        """
+        tokens = text.split() if self.level == "word" else list(text)
+        unknown = sorted({t for t in tokens if t not in self.index})
+        if unknown:
+            shown = ", ".join(repr(t) for t in unknown[:20])
+            if self.unk_id is None:
+                raise VocabularyError(f"the model's vocabulary has no <unk> and lacks these characters: {shown}; "
+                                      "remove or replace them")
+            log.warning("read as <unk> (not in the model's vocabulary): %s", shown)
+        return [self.start_id, *self.encode_tokens(tokens)]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids: chars are joined (``<unk>`` shows as U+FFFD), words are joined by spaces with

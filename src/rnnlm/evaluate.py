@@ -1,0 +1,84 @@
+"""Evaluate a checkpoint on its corpus's test split or any text (``conf/eval.yaml``): ``rnnlm-eval ckpt_path=...``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from rnnlm.checkpoint import load_checkpoint
+from rnnlm.checks import ConfigError
+from rnnlm.cli import CONF_DIR, exit_on_user_error, pick_device
+from rnnlm.corpora import SPLITS, path_source
+from rnnlm.datamodule import Sentences, StreamChunks, TextDataModule, make_loader
+from rnnlm.prepare import encode_text
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Token-weighted loss of the checkpoint on the chosen text, with the hidden state carried as in training."""
+    if not cfg.ckpt_path:
+        raise ConfigError("ckpt_path is required: ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt")
+    if cfg.split not in SPLITS:
+        raise ConfigError(f"split={cfg.split} must be one of {'|'.join(SPLITS)}")
+    device = pick_device(cfg.device)
+    loaded = load_checkpoint(cfg.ckpt_path)
+    vocab, trained_on = loaded.vocab, loaded.data
+    if cfg.data.path:
+        source = path_source(Path(cfg.data.path).expanduser())
+        split = None if "all" in source.files else cfg.split  # a lone file is evaluated whole
+    elif trained_on:
+        settings = {**trained_on, "data_dir": cfg.paths.data_dir, "cache_dir": cfg.paths.cache_dir}
+        source, split = TextDataModule(**settings).source(), cfg.split
+    else:
+        raise ConfigError("the checkpoint does not record its training data: give data.path=FILE")
+    ids = encode_text(source, vocab.level, vocab, split)
+    batch_size = cfg.data.batch_size or trained_on.get("eval_batch_size", 10)
+    seq_len = cfg.data.seq_len or trained_on.get("seq_len", 128)
+    if loaded.info["carry_state"]:
+        dataset = StreamChunks(ids, batch_size, seq_len, split=split or "evaluation")
+    else:
+        dataset = Sentences(ids, vocab.line_end_id, vocab.start_id, seq_len)
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+    metrics = trainer.test(loaded.module, dataloaders=make_loader(dataset, batch_size), verbose=False)[0]
+    loss = metrics["test/loss"]
+    result = {
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "global_step": loaded.info["global_step"],
+        "text": f"{source.name}:{split or 'all'}",
+        "level": vocab.level,
+        "tokens": int(metrics["test/tokens"]),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "loss": loss,
+    }
+    result["bpc" if vocab.level == "char" else "ppl"] = loss / math.log(2) if vocab.level == "char" else math.exp(loss)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+@exit_on_user_error
+def _hydra_main(cfg: DictConfig) -> None:
+    result = evaluate(cfg)
+    metric = f"bpc {result['bpc']:.4f}" if "bpc" in result else f"ppl {result['ppl']:.2f}"
+    print(f"{result['text']}: {result['tokens']:,} tokens | loss {result['loss']:.4f} nats | {metric}")
+    output = Path(cfg.output or Path(cfg.paths.output_dir) / "metrics.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("Metrics written to %s", output)
+
+
+def main() -> None:
+    """Console entry point: ``rnnlm-eval [overrides]``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Score sentences with a checkpoint (``conf/score.yaml``): fill-in-the-blank ranking and per-line log-probabilities."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from rnnlm.checkpoint import load_checkpoint
+from rnnlm.checks import ConfigError
+from rnnlm.cli import CONF_DIR, exit_on_user_error, pick_device, quote_free_text
+from rnnlm.corpora import read_lines
+from rnnlm.datamodule import IGNORE_INDEX, pad_batch
+from rnnlm.network import LanguageModel
+from rnnlm.vocab import Vocab
+
+
+@torch.no_grad()
+def sentence_logprobs(net: LanguageModel, vocab: Vocab, texts: list[str], batch_size: int = 64,
+                      device: torch.device | str = "cpu") -> list[tuple[float, int]]:
+    """Log-probability (nats) of each whole text as a line — its tokens and the line end — and how many
+    tokens that counts. Texts are scored ``batch_size`` at a time, right-padded (padding is not scored)."""
+    net.eval()
+    results = []
+    for start in range(0, len(texts), batch_size):
+        examples = []
+        for text in texts[start : start + batch_size]:
+            ids = torch.tensor([*vocab.encode_text(text), vocab.line_end_id])  # <start> t1 .. tn <line end>
+            examples.append((ids[:-1], ids[1:]))
+        inputs, targets = (t.to(device) for t in pad_batch(examples))
+        logits, _ = net(inputs)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                                reduction="none")  # (B, T)
+        counts = (targets != IGNORE_INDEX).sum(1)
+        results += [(-float(n), int(c)) for n, c in zip(nll.sum(1).tolist(), counts.tolist(), strict=True)]
+    return results
+
+
+def rank_candidates(net: LanguageModel, vocab: Vocab, text: str, candidates: list[str], blank: str = "___",
+                    device: torch.device | str = "cpu") -> list[tuple[str, float, int]]:
+    """``(candidate, log-probability, tokens)`` of the text with its blank filled by each candidate, best first."""
+    if blank not in text:
+        raise ConfigError(f"text has no blank {blank!r} to fill: write it where the candidates go (or set blank=...)")
+    if not candidates:
+        raise ConfigError("candidates is empty: give candidates=[a,b,c]")
+    filled = [text.replace(blank, str(c), 1) for c in candidates]
+    scores = sentence_logprobs(net, vocab, filled, device=device)
+    ranked = [(str(c), lp, n) for c, (lp, n) in zip(candidates, scores, strict=True)]
+    return sorted(ranked, key=lambda row: -row[1])
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
+@exit_on_user_error
+def _hydra_main(cfg: DictConfig) -> None:
+    if not cfg.ckpt_path:
+        raise ConfigError("ckpt_path is required: ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt")
+    if (cfg.text is None) == (cfg.text_file is None):
+        raise ConfigError("give text=... (with candidates=[...] to fill a blank) or text_file=FILE, one of the two")
+    device = pick_device(cfg.device)
+    loaded = load_checkpoint(cfg.ckpt_path, map_location=device)
+    net, vocab = loaded.net, loaded.vocab
+    if cfg.text is not None and (cfg.candidates or cfg.blank in cfg.text):
+        ranked = rank_candidates(net, vocab, cfg.text, list(cfg.candidates), cfg.blank, device)
+        print("rank\tlogprob\tppl\tcandidate")
+        for rank, (cand, lp, n) in enumerate(ranked, 1):
+            print(f"{rank}\t{lp:.3f}\t{math.exp(-lp / n):.2f}\t{cand}")
+        return
+    if cfg.text is not None:
+        lines = [cfg.text]
+    else:
+        if not Path(cfg.text_file).is_file():
+            raise ConfigError(f"text_file={cfg.text_file} does not exist")
+        lines = [line for line in read_lines(Path(cfg.text_file)) if line.strip()]
+    print("logprob\tppl\ttokens\ttext")
+    for line, (lp, n) in zip(lines, sentence_logprobs(net, vocab, lines, cfg.batch_size, device), strict=True):
+        print(f"{lp:.3f}\t{math.exp(-lp / n):.2f}\t{n}\t{line}")
+
+
+def main() -> None:
+    """Console entry point: ``rnnlm-score [overrides]``."""
+    sys.argv[1:] = quote_free_text(sys.argv[1:], text_keys=("text", "blank"), list_keys=("candidates",))
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Using a checkpoint without the training setup: generate, evaluate, score; safe loading; bad input."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO, compose_train, write_tiny_corpus
+from rnnlm.checkpoint import CheckpointError, load_checkpoint
+from rnnlm.checks import ConfigError, check_generate_config
+from rnnlm.cli import CONF_DIR
+from rnnlm.evaluate import evaluate
+from rnnlm.network import LanguageModel
+from rnnlm.sampling import Stepper, generate
+from rnnlm.score import rank_candidates, sentence_logprobs
+from rnnlm.train import train
+from rnnlm.vocab import UNK, Vocab, VocabularyError
+
+
+@pytest.fixture(scope="module")
+def overfit_runs(tmp_path_factory, shared_data, cache_dir) -> dict[str, Path]:
+    """A char and a word model that have learned the tiny corpus by heart (CSV and TensorBoard logs)."""
+    root = tmp_path_factory.mktemp("overfit")
+    corpus = write_tiny_corpus(root)
+    runs = {}
+    for level in ("char", "word"):
+        run = root / level
+        cfg = compose_train([f"data={level}", f"data.path={corpus}", "trainer.max_steps=150", "trainer.max_epochs=100",
+                             "model.dropout=0", "optimizer.lr=0.01", "model.hidden_size=64", "logger=many",
+                             "test=false", "trainer.val_check_interval=50", "trainer.check_val_every_n_epoch=null"],
+                            run, shared_data, cache_dir)
+        train(cfg)
+        runs[level] = run
+    runs["corpus"] = corpus
+    return runs
+
+
+def test_incremental_decoding_gives_the_full_sequence_logits():
+    torch.manual_seed(0)
+    for cell in ("rnn", "lstm", "gru"):
+        for embedding_dim in (16, None):
+            net = LanguageModel(30, cell, embedding_dim, 24, 3, 0.3, "relu" if cell == "rnn" else "tanh").eval()
+            tokens = torch.randint(0, 30, (3, 12))
+            full, _ = net(tokens)
+            _, state = net(tokens[:, :4])
+            stepper = Stepper(net)
+            layers, steps = stepper.split_state(state), []
+            for t in range(4, 12):
+                logits, layers = stepper.step(tokens[:, t], layers)
+                steps.append(logits)
+            assert torch.allclose(torch.stack(steps, 1), full[:, 4:], atol=1e-5), (cell, embedding_dim)
+            _, final = net(tokens)
+            joined = stepper.join_state(layers)  # and the carried state is the fused kernel's final state
+            pairs = zip(joined, final, strict=True) if cell == "lstm" else [(joined, final)]
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in pairs)
+
+
+def _random_net():
+    torch.manual_seed(0)
+    return LanguageModel(20, "lstm", 8, 16, 2, 0.0).eval()
+
+
+def _sample(net, **kwargs):
+    seed = kwargs.pop("seed", 0)
+    prompt = torch.zeros(2, 1, dtype=torch.long)
+    return generate(net, prompt, 100, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_sampling_is_reproducible_and_greedy_is_deterministic():
+    net = _random_net()
+    assert torch.equal(_sample(net, greedy=True), _sample(net, greedy=True, seed=5))
+    assert torch.equal(_sample(net, top_k=1), _sample(net, greedy=True))
+    assert torch.equal(_sample(net, seed=3), _sample(net, seed=3))
+    assert not torch.equal(_sample(net, seed=3), _sample(net, seed=4))
+    assert _sample(net).shape == (2, 100)  # num_samples rows generated as one batch
+
+
+def _fixed_logits_net(logits: list[float]) -> LanguageModel:
+    """A model whose next-token logits are always ``logits``, whatever the input."""
+    net = LanguageModel(len(logits), "gru", 4, 4, 1, 0.0).eval()
+    with torch.no_grad():
+        net.decoder.weight.zero_()
+        net.decoder.bias.copy_(torch.tensor(logits))
+    return net
+
+
+def test_top_k_and_top_p_never_emit_a_token_outside_the_kept_set():
+    probs = torch.tensor([0.30, 0.25, 0.20, 0.10, 0.08, 0.07])
+    net = _fixed_logits_net(probs.log().tolist())
+    seen_k = set(_sample(net, top_k=3, temperature=2.0).flatten().tolist())
+    assert seen_k == {0, 1, 2}  # the three most likely, each seen in 200 draws
+    seen_p = set(_sample(net, top_p=0.5).flatten().tolist())
+    assert seen_p == {0, 1}  # 0.30 + 0.25 reaches 0.5: the nucleus is the first two
+    assert set(_sample(net, top_p=0.3).flatten().tolist()) == {0}
+
+
+def test_prompt_encoding_at_the_vocabulary_boundary(caplog):
+    words = Vocab("word", [UNK, "<eos>", "the", "cat"])
+    assert words.encode_text("") == [words.line_end_id]  # an empty prompt starts a fresh line
+    assert words.encode_text("the dog") == [1, 2, 0]
+    assert "'dog'" in caplog.text
+    chars = Vocab("char", ["\n", "a", "b"])
+    with pytest.raises(VocabularyError, match="'x', 'z'"):
+        chars.encode_text("abxz")
+
+
+def test_eval_reproduces_the_logged_validation_loss(overfit_runs, shared_data, cache_dir):
+    for level in ("char", "word"):
+        run = overfit_runs[level]
+        rows = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("val/loss")]
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("eval", overrides=[f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "split=valid",
+                                             f"paths.data_dir={shared_data}", f"paths.cache_dir={cache_dir}",
+                                             "device=cpu"])
+        result = evaluate(cfg)
+        assert result["loss"] == pytest.approx(float(rows[-1]["val/loss"]), rel=1e-4)
+        assert result["global_step"] == 150
+        metric = "bpc" if level == "char" else "ppl"
+        expected = result["loss"] / math.log(2) if level == "char" else math.exp(result["loss"])
+        assert result[metric] == pytest.approx(expected)
+
+
+def test_score_ranks_the_right_candidate_first(overfit_runs):
+    for level in ("char", "word"):
+        loaded = load_checkpoint(overfit_runs[level] / "checkpoints" / "last.ckpt")
+        ranked = rank_candidates(loaded.net, loaded.vocab, "the quick brown ___ jumps over the lazy dog",
+                                 ["box", "fox", "dog"])
+        assert [c for c, _, _ in ranked][0] == "fox"
+        seen, unseen = sentence_logprobs(loaded.net, loaded.vocab, ["pack my box with five dozen liquor jugs",
+                                                                     "jugs liquor dozen five with box my pack"])
+        assert seen[0] > unseen[0] and seen[1] == unseen[1]  # same tokens, the learned order is likelier
+    with pytest.raises(ConfigError, match="no blank"):
+        rank_candidates(loaded.net, loaded.vocab, "no blank here", ["a"])
+    with pytest.raises(ConfigError, match="candidates is empty"):
+        rank_candidates(loaded.net, loaded.vocab, "the ___", [])
+
+
+class Payload:
+    """Unpickling this object would create a file: the proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_with_a_pickled_object_is_refused_without_running_it(overfit_runs, tmp_path):
+    data = torch.load(overfit_runs["char"] / "checkpoints" / "last.ckpt", weights_only=True)
+    marker = tmp_path / "payload-ran"
+    data["evil"] = Payload(marker)
+    torch.save(data, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+    (tmp_path / "cut.ckpt").write_bytes((overfit_runs["char"] / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not an rnnlm checkpoint"):
+        load_checkpoint(tmp_path / "other.ckpt")
+
+
+def _cli(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "src" / script), *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_generate_cli_prints_prompt_and_continuation(overfit_runs):
+    ckpt = overfit_runs["char"] / "checkpoints" / "last.ckpt"
+    args = [f"ckpt_path={ckpt}", "prompt=pack my box", "max_new_tokens=60", "num_samples=2", "seed=7"]
+    first, again = _cli("generate.py", *args), _cli("generate.py", *args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == again.stdout  # same checkpoint, seed and options: same text
+    samples = first.stdout.rstrip("\n").split("\n" + "-" * 40 + "\n")
+    assert len(samples) == 2 and all(s.startswith("pack my box") and len(s) == 11 + 60 for s in samples)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("temperature=0", "temperature=0 must be > 0"), ("top_p=1.5", "top_p=1.5 must be in (0, 1]"),
+     ("top_k=0", "top_k=0 must be an integer >= 1"), ("max_new_tokens=-1", "max_new_tokens=-1 must be"),
+     ("num_samples=0", "num_samples=0 must be a positive integer")],
+)
+def test_bad_sampling_options_are_rejected(override, message):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("generate", overrides=["ckpt_path=x.ckpt", override])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        check_generate_config(cfg)
+
+
+def test_cli_errors_are_one_line_and_exit_2(overfit_runs, tmp_path):
+    ckpt = overfit_runs["word"] / "checkpoints" / "last.ckpt"
+    cases = [
+        ("generate.py", [f"ckpt_path={tmp_path / 'missing.ckpt'}"], "does not exist"),
+        ("generate.py", [f"ckpt_path={ckpt}", "temperature=-1"], "temperature=-1 must be > 0"),
+        ("score.py", [f"ckpt_path={ckpt}", "text=the quick fox", "candidates=[a,b]"], "no blank"),
+        ("score.py", [f"ckpt_path={ckpt}", "text=운동을 ___ 을", "candidates=[]"], "candidates is empty"),
+    ]
+    for script, args, message in cases:
+        result = _cli(script, *args)
+        assert result.returncode == 2, (script, args, result.stderr)
+        assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_score_cli_takes_hangul_text_and_candidates(overfit_runs):
+    ckpt = overfit_runs["word"] / "checkpoints" / "last.ckpt"
+    result = _cli("score.py", f"ckpt_path={ckpt}", "text=운동을 ___ 효과적이다", "candidates=[근육,지방,스트레스]")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in result.stdout.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert sorted(r[-1] for r in rows) == sorted(["근육", "지방", "스트레스"])
+    assert "read as <unk>" in result.stderr  # none of these words is in the tiny corpus
