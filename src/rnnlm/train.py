@@ -89,7 +89,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, 
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    shown = [k for k in sorted(metrics) if k.startswith(("val/", "test/")) and not k.endswith("_best")]
+    shown = [k for k in sorted(metrics) if k.startswith(("val/", "test/")) and not k.endswith(("_best", "/tokens"))]
     log.info("Final: %s", " | ".join(f"{k} {metrics[k]:.4f}" for k in shown))
     log.info("Run folder: %s", cfg.paths.output_dir)
     return metrics
