@@ -146,3 +146,47 @@ def test_named_char_corpora_train(make_cfg, corpus):
         assert "운" in vocab and "\t" not in vocab  # the review column only, Hangul included
         assert len(vocab) > 2000
     assert metrics["val/bpc"] > 0
+
+
+@pytest.mark.parametrize("extra", [["model=gru", "model.impl=scratch"],
+                                   ["model=gru", "model.impl=scratch", "model.reset_after=false"],
+                                   ["model=lstm", "model.impl=scratch", "model.embedding_dim=null"]])
+def test_scratch_cells_train_and_generate(make_cfg, tiny_corpus, extra):
+    cfg = make_cfg(*extra, f"data.path={tiny_corpus}", "trainer.max_steps=120", "trainer.max_epochs=100",
+                   "model.dropout=0", "optimizer.lr=0.01", "test=false")
+    metrics = train(cfg)
+    assert metrics["val/loss"] < 0.6 * math.log(30)
+    loaded = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert loaded.net.config["impl"] == "scratch"
+    from rnnlm.sampling import generate
+
+    text = generate(loaded.net, torch.tensor([loaded.vocab.encode_text("the quick")]), 30, greedy=True)
+    assert text.shape == (1, 30)
+
+
+def test_bidirectional_lm_trains_and_fills_blanks(make_cfg, tiny_corpus):
+    from rnnlm.score import fill_blank
+
+    cfg = make_cfg("data=word", "model.bidirectional=true", "task=bilm", f"data.path={tiny_corpus}",
+                   "trainer.max_steps=80", "trainer.max_epochs=100", "model.dropout=0", "optimizer.lr=0.01",
+                   "model.num_layers=2", "test=false")
+    metrics = train(cfg)
+    assert metrics["val/ppl"] < 3  # from both sides almost every word of the corpus is determined
+    loaded = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    log_probs = fill_blank(loaded.net, loaded.vocab, "the quick brown ___ jumps over the lazy dog")
+    assert loaded.vocab.tokens[int(log_probs.argmax())] == "fox"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [(["model.bidirectional=true"], "cannot be a causal LM: use task=bilm"),
+     (["task=bilm"], "task=bilm needs model.bidirectional=true"),
+     (["model=gru", "model.reset_after=false"], "add model.impl=scratch"),
+     (["model.bidirectional=true", "task=bilm", "data.mode=sentence"], "use data.mode=stream"),
+     (["model.impl=cuda"], "model.impl=cuda must be one of fused|scratch")],
+)
+def test_recurrent_variants_are_checked_up_front(make_cfg, overrides, message):
+    from rnnlm.checks import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("|", r"\|")):
+        train(make_cfg(*overrides))

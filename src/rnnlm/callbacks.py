@@ -52,6 +52,7 @@ class TokensPerSecond(L.Callback):
 
 class TextSamples(L.Callback):
     """After each validation, generate a short sample and log it (TensorBoard text, ``samples.txt``).
+    Bidirectional models, which cannot generate, are skipped.
 
     The same seed every time, so samples at successive steps differ only through training.
     """
@@ -67,7 +68,7 @@ class TextSamples(L.Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.num_tokens <= 0:
+        if trainer.sanity_checking or self.num_tokens <= 0 or pl_module.net.bidirectional:  # it cannot generate
             return
         vocab = pl_module.vocab
         prompt = torch.tensor([self._prompt_ids], device=pl_module.device)

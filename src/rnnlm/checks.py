@@ -6,10 +6,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from rnnlm.backbone import CELLS, IMPLS, NONLINEARITIES
 from rnnlm.corpora import CORPORA
 from rnnlm.datamodule import MODES
-from rnnlm.network import CELLS, NONLINEARITIES
 from rnnlm.vocab import LEVELS
+
+TASKS = ("lm", "bilm")
 
 
 class ConfigError(Exception):
@@ -37,11 +39,25 @@ def check_train_config(cfg: DictConfig) -> None:
         problems.append(f"model.dropout={model.dropout} must be in [0, 1)")
     if model.nonlinearity not in NONLINEARITIES:
         problems.append(f"model.nonlinearity={model.nonlinearity} must be one of {'|'.join(NONLINEARITIES)}")
-    if model.tie_weights and model.embedding_dim != model.hidden_size:
+    decoder_input = model.hidden_size * (2 if model.bidirectional else 1)
+    if model.tie_weights and model.embedding_dim != decoder_input:
         problems.append(
-            f"model.tie_weights=true needs model.embedding_dim ({model.embedding_dim}) == model.hidden_size "
-            f"({model.hidden_size}): set them equal or model.tie_weights=false"
+            f"model.tie_weights=true needs model.embedding_dim ({model.embedding_dim}) == the decoder's input "
+            f"size ({decoder_input}): set model.embedding_dim={decoder_input} or model.tie_weights=false"
         )
+    if model.impl not in IMPLS:
+        problems.append(f"model.impl={model.impl} must be one of {'|'.join(IMPLS)}")
+    if model.cell == "gru" and not model.reset_after and model.impl != "scratch":
+        problems.append("model.reset_after=false (the original GRU) has no fused kernel: add model.impl=scratch")
+    if cfg.task not in TASKS:
+        problems.append(f"task={cfg.task} must be one of {'|'.join(TASKS)}")
+    elif model.bidirectional and cfg.task != "bilm":
+        problems.append("a bidirectional model would see the token it predicts, so it cannot be a causal LM: "
+                        "use task=bilm (or model.bidirectional=false)")
+    elif cfg.task == "bilm" and not model.bidirectional:
+        problems.append("task=bilm needs model.bidirectional=true")
+    elif cfg.task == "bilm" and data.mode != "stream":
+        problems.append("task=bilm reads fixed windows: use data.mode=stream")
     if data.level not in LEVELS:
         problems.append(f"data.level={data.level} must be one of {'|'.join(LEVELS)}")
     if data.mode not in MODES:

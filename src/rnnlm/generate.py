@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from rnnlm.checkpoint import load_checkpoint
-from rnnlm.checks import check_generate_config
+from rnnlm.checks import ConfigError, check_generate_config
 from rnnlm.cli import CONF_DIR, exit_on_user_error, pick_device, quote_free_text
 from rnnlm.sampling import generate
 
@@ -22,6 +22,9 @@ def generate_texts(cfg: DictConfig) -> list[str]:
     check_generate_config(cfg)
     device = pick_device(cfg.device)
     loaded = load_checkpoint(cfg.ckpt_path, map_location=device)
+    if loaded.net.bidirectional:
+        raise ConfigError(f"{cfg.ckpt_path} is a bidirectional model: it predicts each token from both sides and "
+                          "cannot generate text; fill a blank with score.py text='... ___ ...' instead")
     vocab = loaded.vocab
     prompt = Path(cfg.prompt_file).read_text(encoding="utf-8").rstrip("\n") if cfg.prompt_file else cfg.prompt
     ids = vocab.encode_text(prompt)

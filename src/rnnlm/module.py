@@ -9,8 +9,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from rnnlm.backbone import State, detach_state
 from rnnlm.datamodule import IGNORE_INDEX
-from rnnlm.network import LanguageModel, State, detach_state, sequence_loss
+from rnnlm.network import LanguageModel, sequence_loss
 from rnnlm.vocab import Vocab
 
 CHECKPOINT_KEY = "rnnlm"  # the plain-data part of a checkpoint that eval/generate read
@@ -23,7 +24,8 @@ class RecurrentLM(L.LightningModule):
     Args:
         vocab: the data's vocabulary; its size sizes the embedding and decoder.
         carry_state: stream batches continue each other: start each chunk from the previous chunk's
-            final state, detached (truncated BPTT), and restart from zeros at every epoch.
+            final state, detached (truncated BPTT), and restart from zeros at every epoch. A bidirectional
+            model reads every chunk on its own.
         optimizer: ``params -> Optimizer`` (a Hydra partial).
         scheduler: ``optimizer -> LRScheduler`` (a Hydra partial), stepped per epoch on ``val/loss``.
         Other arguments: see :class:`LanguageModel`.
@@ -40,6 +42,9 @@ class RecurrentLM(L.LightningModule):
         nonlinearity: str = "tanh",
         tie_weights: bool = False,
         init_range: float = 0.1,
+        bidirectional: bool = False,
+        impl: str = "fused",
+        reset_after: bool = True,
         carry_state: bool = True,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
@@ -48,7 +53,7 @@ class RecurrentLM(L.LightningModule):
         self.save_hyperparameters(ignore=["vocab", "optimizer", "scheduler"], logger=False)
         self.vocab = vocab
         self.net = LanguageModel(len(vocab), cell, embedding_dim, hidden_size, num_layers, dropout,
-                                 nonlinearity, tie_weights, init_range)
+                                 nonlinearity, tie_weights, init_range, bidirectional, impl, reset_after)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=2e-3))
         self.scheduler_factory = scheduler
         self.carry_state = carry_state
@@ -62,6 +67,10 @@ class RecurrentLM(L.LightningModule):
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         inputs, targets = batch  # (B, T) each; targets[:, t] is the token after inputs[:, t]
+        if self.net.bidirectional:  # every token of the window, each predicted from both sides of it
+            window = torch.cat([inputs[:, :1], targets], 1)  # (B, T+1)
+            logits, _ = self.net(window)
+            return sequence_loss(logits, window, IGNORE_INDEX)
         state = self._state[stage] if self.carry_state else None
         if state is not None and _batch_rows(state) != inputs.size(0):
             state = None

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnlm.network import LanguageModel, State
+from rnnlm.backbone import State
+from rnnlm.network import LanguageModel
 
 
 class Stepper:
@@ -23,18 +24,23 @@ class Stepper:
     - lstm: ``i, f, g, o = split(W_ih x + b_ih + W_hh h + b_hh)``; ``c' = σ(f)c + σ(i)tanh(g)``; ``h' = σ(o)tanh(c')``
     - gru:  ``r, z = σ(split(W_ih x + b_ih + W_hh h + b_hh)[:2])``;
       ``n = tanh(W_in x + b_in + r∘(W_hn h + b_hn))``; ``h' = (1-z)∘n + z∘h``
+      (reset-before GRU: ``n = tanh(W_in x + b_in + W_hn (r∘h))``)
     """
 
     def __init__(self, net: LanguageModel):
-        rnn = net.backbone.rnn
-        self.cell = net.config["cell"]
-        self.hidden = rnn.hidden_size
-        self.relu = self.cell == "rnn" and rnn.nonlinearity == "relu"
+        if net.bidirectional:
+            raise ValueError("a bidirectional model cannot generate text: it predicts tokens from both sides")
+        config = net.config
+        self.cell = config["cell"]
+        self.hidden = config["hidden_size"]
+        self.relu = self.cell == "rnn" and config["nonlinearity"] == "relu"
+        self.reset_after = config["reset_after"]
+        weights = net.backbone.fused_state_dict(strict=False)
         self.layers = []
         with torch.no_grad():
-            for k in range(rnn.num_layers):
-                w_ih, w_hh = getattr(rnn, f"weight_ih_l{k}"), getattr(rnn, f"weight_hh_l{k}")
-                b_ih, b_hh = getattr(rnn, f"bias_ih_l{k}"), getattr(rnn, f"bias_hh_l{k}")
+            for k in range(config["num_layers"]):
+                w_ih, w_hh = weights[f"weight_ih_l{k}"], weights[f"weight_hh_l{k}"]
+                b_ih, b_hh = weights[f"bias_ih_l{k}"], weights[f"bias_hh_l{k}"]
                 if self.cell == "gru":  # the candidate's recurrent part is gated by r: keep it apart
                     self.layers.append((w_ih.t().contiguous(), b_ih.clone(), w_hh.t().contiguous(), b_hh.clone()))
                 else:  # (I + H, G*H): one product over the concatenation [x, h]
@@ -75,9 +81,14 @@ class Stepper:
             elif self.cell == "gru":
                 w_ih, b_ih, w_hh, b_hh = weights
                 xr, xz, xn = torch.addmm(b_ih, x, w_ih).chunk(3, 1)
-                hr, hz, hn = torch.addmm(b_hh, state, w_hh).chunk(3, 1)
-                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-                n = torch.tanh(xn + r * hn)
+                if self.reset_after:
+                    hr, hz, hn = torch.addmm(b_hh, state, w_hh).chunk(3, 1)
+                    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                    n = torch.tanh(xn + r * hn)
+                else:  # the original GRU: the reset gate scales h before the candidate's matrix
+                    hr, hz = (state @ w_hh[:, : 2 * self.hidden]).chunk(2, 1)
+                    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                    n = torch.tanh(xn + (r * state) @ w_hh[:, 2 * self.hidden :])
                 x = n + z * (state - n)  # (1 - z) n + z h
                 new.append(x)
             else:

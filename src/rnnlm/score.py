@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.checks import ConfigError
@@ -53,6 +54,32 @@ def rank_candidates(net: LanguageModel, vocab: Vocab, text: str, candidates: lis
     return sorted(ranked, key=lambda row: -row[1])
 
 
+@torch.no_grad()
+def fill_blank(net: LanguageModel, vocab: Vocab, text: str, blank: str = "___",
+               device: torch.device | str = "cpu") -> Tensor:
+    """Log-probabilities (V,) of every token in the blank of ``text``, from a bidirectional model:
+    it reads the words (or characters) on both sides, never the blank itself."""
+    if not net.bidirectional:
+        raise ConfigError("filling a blank from both sides needs a bidirectional model (task=bilm); "
+                          "give candidates=[...] to rank them with this model")
+    if blank not in text:
+        raise ConfigError(f"text has no blank {blank!r} to fill: write it where the missing token goes")
+    before, after = text.split(blank, 1)
+    left = vocab.encode_text(before)  # <start> and the tokens before the blank
+    ids = [*left, 0, *vocab.encode_text(after)[1:], vocab.line_end_id]  # the blank's id (0) is never read
+    logits, _ = net.eval()(torch.tensor([ids], device=device))
+    return logits[0, len(left)].float().log_softmax(-1).cpu()
+
+
+def rank_fillers(log_probs: Tensor, vocab: Vocab, candidates: list[str]) -> list[tuple[str, float]]:
+    """``(candidate, log-probability)`` best first; a bidirectional model fills one token per blank."""
+    unknown = [c for c in candidates if str(c) not in vocab]
+    if unknown:
+        raise ConfigError(f"candidates must be single tokens of the model's vocabulary: {unknown} are not")
+    ranked = [(str(c), float(log_probs[vocab.index[str(c)]])) for c in candidates]
+    return sorted(ranked, key=lambda row: -row[1])
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
 @exit_on_user_error
 def _hydra_main(cfg: DictConfig) -> None:
@@ -63,6 +90,20 @@ def _hydra_main(cfg: DictConfig) -> None:
     device = pick_device(cfg.device)
     loaded = load_checkpoint(cfg.ckpt_path, map_location=device)
     net, vocab = loaded.net, loaded.vocab
+    if net.bidirectional:
+        if cfg.text is None:
+            raise ConfigError("a bidirectional model scores blanks only: give text='... ___ ...'")
+        log_probs = fill_blank(net, vocab, cfg.text, cfg.blank, device)
+        if cfg.candidates:
+            rows = rank_fillers(log_probs, vocab, list(cfg.candidates))
+        else:
+            top = log_probs.topk(min(cfg.top_k, len(vocab)))
+            rows = [(vocab.tokens[i], lp) for lp, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+        print("rank\tlogprob\tprob\tfiller")
+        for rank, (token, lp) in enumerate(rows, 1):
+            print(f"{rank}\t{lp:.3f}\t{math.exp(lp):.4f}\t{token!r}" if vocab.level == "char" else
+                  f"{rank}\t{lp:.3f}\t{math.exp(lp):.4f}\t{token}")
+        return
     if cfg.text is not None and (cfg.candidates or cfg.blank in cfg.text):
         ranked = rank_candidates(net, vocab, cfg.text, list(cfg.candidates), cfg.blank, device)
         print("rank\tlogprob\tppl\tcandidate")

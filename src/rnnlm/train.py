@@ -68,7 +68,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, 
     # Built through a partial: Hydra would turn a dataclass argument (the vocabulary) into a config.
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(
         vocab=vocab,
-        carry_state=datamodule.carries_state,
+        carry_state=datamodule.carries_state and cfg.task == "lm",
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,  # `scheduler=null` drops it
     )

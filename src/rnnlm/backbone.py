@@ -1,0 +1,129 @@
+"""The recurrent stack: fused ``torch.nn`` kernels or the textbook cells, and a Keras-style view of it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rnnlm.cells import ScratchRecurrent, from_fused, to_fused
+
+CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+NONLINEARITIES = ("tanh", "relu")
+IMPLS = ("fused", "scratch")
+MERGE_MODES = ("concat", "sum", "mul", "ave")
+
+State = Tensor | tuple[Tensor, Tensor]  # h, or (h, c) for LSTM; each (num_layers * directions, B, H)
+
+
+def detach_state(state: State | None) -> State | None:
+    """Keep the state's values but cut the graph: gradients stop at the chunk boundary (truncated BPTT)."""
+    if state is None:
+        return None
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+class RecurrentBackbone(nn.Module):
+    """Stacked (and optionally bidirectional) recurrent layers, batch first.
+
+    Args:
+        cell: ``rnn`` (``h_t = act(W_x x_t + W_h h_{t-1} + b)``), ``lstm`` or ``gru``.
+        dropout: applied to the outputs of every layer but the last.
+        nonlinearity: ``tanh`` or ``relu``; vanilla RNN only.
+        bidirectional: a second stack reads the sequence backwards; each layer after the first reads
+            both directions' outputs, concatenated (as torch.nn and cuDNN do).
+        impl: ``fused`` (torch.nn kernels) or ``scratch`` (:mod:`rnnlm.cells`); same weights, same outputs.
+        reset_after: GRU only; ``False`` (the original GRU) exists in the scratch cells alone.
+
+    forward(x (B, T, I), state) -> outputs (B, T, D*H) of the top layer, forward direction first, and
+    the final state of every layer and direction, (num_layers * D, B, H) [with the cell state for LSTM].
+    """
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
+                 nonlinearity: str = "tanh", bidirectional: bool = False, impl: str = "fused",
+                 reset_after: bool = True):
+        super().__init__()
+        self.cell, self.impl, self.hidden_size = cell, impl, hidden_size
+        self.directions = 2 if bidirectional else 1
+        dropout = dropout if num_layers > 1 else 0.0
+        if impl == "scratch":
+            self.rnn = ScratchRecurrent(cell, input_size, hidden_size, num_layers, dropout, bidirectional,
+                                        nonlinearity, reset_after)
+        elif cell == "gru" and not reset_after:
+            raise ValueError("torch.nn.GRU computes the reset-after GRU: use impl=scratch for reset_after=False")
+        else:
+            extra = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
+            self.rnn = CELLS[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=dropout,
+                                   bidirectional=bidirectional, **extra)
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        return self.rnn(x, state)
+
+    def fused_state_dict(self, strict: bool = True) -> dict[str, Tensor]:
+        """The weights in torch.nn's layout, whichever implementation holds them (``strict=False`` lets a
+        reset-before GRU through, for code that knows to compute that form)."""
+        if self.impl == "scratch":
+            return to_fused(self.rnn, strict)
+        return {k: v.detach() for k, v in self.rnn.state_dict().items()}
+
+    def load_fused_state_dict(self, weights: dict[str, Tensor]) -> None:
+        """Take weights in torch.nn's layout (e.g. from a backbone of the other implementation)."""
+        if self.impl == "scratch":
+            from_fused(self.rnn, weights)
+        else:
+            self.rnn.load_state_dict(weights)
+
+
+def merge(forward: Tensor, backward: Tensor, mode: str) -> Tensor:
+    """Combine the two directions' outputs as Keras' ``Bidirectional(merge_mode=...)`` does."""
+    if mode == "concat":
+        return torch.cat([forward, backward], -1)
+    if mode == "sum":
+        return forward + backward
+    if mode == "mul":
+        return forward * backward
+    if mode == "ave":
+        return (forward + backward) / 2
+    raise ValueError(f"merge_mode={mode} must be one of {'|'.join(MERGE_MODES)}")
+
+
+class KerasRecurrent(nn.Module):
+    """The Keras view of a recurrent layer: ``SimpleRNN/LSTM/GRU(units, return_sequences, return_state)``,
+    optionally inside ``Bidirectional(merge_mode=...)``.
+
+    Returns what Keras returns, with Keras' shapes, for an input (B, T, I):
+
+    - the output: (B, units) for the last step, or (B, T, units) with ``return_sequences``
+      (2*units for a concatenated bidirectional layer); a bidirectional layer's "last step" is the
+      forward direction's last step with the backward direction's, which read the sequence to its start;
+    - with ``return_state``: a list ``[output, h]`` (``[output, h, c]`` for LSTM), and for a bidirectional
+      layer ``[output, h_fwd, (c_fwd,) h_bwd, (c_bwd)]``, each (B, units), of the top layer.
+    """
+
+    def __init__(self, cell: str, input_size: int, units: int, return_sequences: bool = False,
+                 return_state: bool = False, bidirectional: bool = False, merge_mode: str = "concat",
+                 num_layers: int = 1, impl: str = "fused", reset_after: bool = True):
+        super().__init__()
+        if merge_mode not in MERGE_MODES:
+            raise ValueError(f"merge_mode={merge_mode} must be one of {'|'.join(MERGE_MODES)}")
+        self.backbone = RecurrentBackbone(cell, input_size, units, num_layers, bidirectional=bidirectional,
+                                          impl=impl, reset_after=reset_after)
+        self.units, self.return_sequences, self.return_state = units, return_sequences, return_state
+        self.merge_mode = merge_mode
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        outputs, state = self.backbone(x)  # (B, T, D*H)
+        if self.backbone.directions == 2:
+            forward, backward = outputs.split(self.units, -1)
+            sequences = merge(forward, backward, self.merge_mode)
+            last = merge(forward[:, -1], backward[:, 0], self.merge_mode)
+        else:
+            sequences, last = outputs, outputs[:, -1]
+        output = sequences if self.return_sequences else last
+        if not self.return_state:
+            return output
+        parts = state if isinstance(state, tuple) else (state,)
+        top = []  # per direction of the top layer: h (and c)
+        for direction in range(self.backbone.directions):
+            k = parts[0].size(0) - self.backbone.directions + direction
+            top += [p[k] for p in parts]
+        return [output, *top]

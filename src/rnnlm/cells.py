@@ -1,0 +1,238 @@
+"""Recurrent cells written from the textbook equations, and the layers that run them over time.
+
+Each cell keeps one weight matrix per input and gate, named as in the equation it computes
+(``W_xi`` multiplies ``x_t`` for the input gate, ``W_hi`` multiplies ``h_{t-1}``). For speed the
+layer concatenates a cell's per-gate matrices once per call, projects the whole input sequence in
+one product, and leaves a single ``h_{t-1}`` product per step in the time loop; the arithmetic is
+the same as the equations.
+
+:class:`ScratchRecurrent` has the interface of ``torch.nn.RNN/LSTM/GRU`` (batch first), and
+:func:`to_fused` / :func:`from_fused` convert the weights both ways, so the two give the same
+outputs for the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+GATES = {"rnn": ("",), "lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "g")}  # torch.nn's gate order
+
+
+def _matrix(rows: int, cols: int, hidden_size: int) -> nn.Parameter:
+    bound = hidden_size**-0.5  # torch.nn's initialisation: uniform(-1/sqrt(H), 1/sqrt(H))
+    return nn.Parameter(torch.empty(rows, cols).uniform_(-bound, bound))
+
+
+def _vector(size: int, hidden_size: int) -> nn.Parameter:
+    bound = hidden_size**-0.5
+    return nn.Parameter(torch.empty(size).uniform_(-bound, bound))
+
+
+class Cell(nn.Module):
+    """A cell with ``W_x<gate>`` (H, I), ``W_h<gate>`` (H, H) and ``b_<gate>`` (H,) for every gate."""
+
+    kind = ""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        for gate in GATES[self.kind]:
+            self.register_parameter(f"W_x{gate}", _matrix(hidden_size, input_size, hidden_size))
+            self.register_parameter(f"W_h{gate}", _matrix(hidden_size, hidden_size, hidden_size))
+            self.register_parameter(f"b_{gate}" if gate else "b", _vector(hidden_size, hidden_size))
+
+    def stacked(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-gate matrices stacked in torch.nn's gate order: W_x (G*H, I), W_h (G*H, H), b (G*H,)."""
+        gates = GATES[self.kind]
+        return (
+            torch.cat([getattr(self, f"W_x{g}") for g in gates]),
+            torch.cat([getattr(self, f"W_h{g}") for g in gates]),
+            torch.cat([getattr(self, f"b_{g}" if g else "b") for g in gates]),
+        )
+
+    def input_part(self, x: Tensor) -> Tensor:
+        """``W_x x + b`` for every gate, for all steps at once: (B, T, I) -> (B, T, G*H)."""
+        w_x, _, b = self.stacked()
+        return torch.addmm(b, x.reshape(-1, x.size(-1)), w_x.t()).view(*x.shape[:-1], -1)
+
+
+class RNNCell(Cell):
+    """Vanilla RNN: ``h_t = tanh(W_x x_t + W_h h_{t-1} + b)`` (or relu)."""
+
+    kind = "rnn"
+
+    def __init__(self, input_size: int, hidden_size: int, nonlinearity: str = "tanh"):
+        super().__init__(input_size, hidden_size)
+        self.activation = torch.relu if nonlinearity == "relu" else torch.tanh
+
+    def step(self, xw: Tensor, h: Tensor, w_h: Tensor, b_h: Tensor | None = None) -> Tensor:
+        # xw = W_x x_t + b
+        return self.activation(xw + h @ w_h.t())
+
+
+class LSTMCell(Cell):
+    """LSTM::
+
+        i_t = σ(W_xi x_t + W_hi h_{t-1} + b_i)      input gate
+        f_t = σ(W_xf x_t + W_hf h_{t-1} + b_f)      forget gate
+        g_t = tanh(W_xg x_t + W_hg h_{t-1} + b_g)   candidate
+        o_t = σ(W_xo x_t + W_ho h_{t-1} + b_o)      output gate
+        C_t = f_t∘C_{t-1} + i_t∘g_t
+        h_t = o_t∘tanh(C_t)
+    """
+
+    kind = "lstm"
+
+    def step(self, xw: Tensor, state: tuple[Tensor, Tensor], w_h: Tensor, b_h: Tensor | None = None):
+        h, c = state
+        i, f, g, o = (xw + h @ w_h.t()).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class GRUCell(Cell):
+    """GRU::
+
+        r_t = σ(W_xr x_t + W_hr h_{t-1} + b_r)                reset gate
+        z_t = σ(W_xz x_t + W_hz h_{t-1} + b_z)                update gate
+        g_t = tanh(W_hg (r_t∘h_{t-1}) + W_xg x_t + b_g)        reset_after=False (Cho et al. 2014, Keras
+                                                               reset_after=False): reset, then multiply
+        g_t = tanh(W_xg x_t + b_g + r_t∘(W_hg h_{t-1} + b_hg)) reset_after=True (torch.nn.GRU, cuDNN,
+                                                               Keras' default): multiply, then reset
+        h_t = (1-z_t)∘g_t + z_t∘h_{t-1}
+
+    The two forms differ only in whether the reset gate scales ``h_{t-1}`` before the recurrent
+    matrix or its product after it; only the reset-after form matches ``torch.nn.GRU`` (which also
+    needs the extra bias ``b_hg`` inside the reset).
+    """
+
+    kind = "gru"
+
+    def __init__(self, input_size: int, hidden_size: int, reset_after: bool = True):
+        super().__init__(input_size, hidden_size)
+        self.reset_after = reset_after
+        if reset_after:
+            self.b_hg = _vector(hidden_size, hidden_size)
+
+    def step(self, xw: Tensor, h: Tensor, w_h: Tensor, b_h: Tensor | None = None) -> Tensor:
+        xr, xz, xg = xw.chunk(3, -1)
+        hidden = self.hidden_size
+        w_hrz, w_hg = w_h[: 2 * hidden], w_h[2 * hidden :]
+        hr, hz = (h @ w_hrz.t()).chunk(2, -1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        if self.reset_after:
+            g = torch.tanh(xg + r * (h @ w_hg.t() + b_h))
+        else:
+            g = torch.tanh((r * h) @ w_hg.t() + xg)
+        return (1 - z) * g + z * h
+
+
+def make_cell(kind: str, input_size: int, hidden_size: int, nonlinearity: str = "tanh",
+              reset_after: bool = True) -> Cell:
+    if kind == "rnn":
+        return RNNCell(input_size, hidden_size, nonlinearity)
+    if kind == "lstm":
+        return LSTMCell(input_size, hidden_size)
+    return GRUCell(input_size, hidden_size, reset_after)
+
+
+def run_cell(cell: Cell, x: Tensor, state, reverse: bool = False) -> tuple[Tensor, object]:
+    """Run ``cell`` over x (B, T, I) from ``state`` -> outputs (B, T, H) and the final state."""
+    xws = cell.input_part(x).unbind(1)  # W_x x_t + b for every t, in one product
+    _, w_h, _ = cell.stacked()
+    b_h = getattr(cell, "b_hg", None)
+    steps = range(len(xws) - 1, -1, -1) if reverse else range(len(xws))
+    outputs = [None] * len(xws)
+    for t in steps:
+        state = cell.step(xws[t], state, w_h, b_h)
+        outputs[t] = state[0] if isinstance(state, tuple) else state
+    return torch.stack(outputs, 1), state
+
+
+class ScratchRecurrent(nn.Module):
+    """Stacked, optionally bidirectional layers of textbook cells, with ``torch.nn.RNN``'s interface.
+
+    forward(x (B, T, I), state) -> outputs (B, T, D*H) of the top layer (directions concatenated)
+    and the final state (num_layers*D, B, H) [and the cell state for LSTM], layer-major, forward
+    direction first, as torch.nn returns it. Dropout applies between layers in training.
+    """
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
+                 bidirectional: bool = False, nonlinearity: str = "tanh", reset_after: bool = True):
+        super().__init__()
+        self.mode, self.hidden_size, self.num_layers = cell, hidden_size, num_layers
+        self.directions = 2 if bidirectional else 1
+        self.dropout = dropout
+        self.cells = nn.ModuleList(
+            make_cell(cell, input_size if k < self.directions else hidden_size * self.directions, hidden_size,
+                      nonlinearity, reset_after)
+            for k in range(num_layers * self.directions)
+        )
+
+    def forward(self, x: Tensor, state=None):
+        batch = x.size(0)
+        if state is None:
+            zeros = x.new_zeros(self.num_layers * self.directions, batch, self.hidden_size)
+            state = (zeros, zeros) if self.mode == "lstm" else zeros
+        finals = []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                x = nn.functional.dropout(x, self.dropout, training=True)
+            outputs = []
+            for direction in range(self.directions):
+                k = layer * self.directions + direction
+                start = (state[0][k], state[1][k]) if self.mode == "lstm" else state[k]
+                out, final = run_cell(self.cells[k], x, start, reverse=direction == 1)
+                outputs.append(out)
+                finals.append(final)
+            x = torch.cat(outputs, -1) if self.directions == 2 else outputs[0]
+        if self.mode == "lstm":
+            return x, (torch.stack([h for h, _ in finals]), torch.stack([c for _, c in finals]))
+        return x, torch.stack(finals)
+
+
+def _fused_suffix(k: int, directions: int) -> str:
+    """torch.nn's parameter suffix of the k-th cell (layer-major, forward direction first)."""
+    layer, direction = divmod(k, directions)
+    return f"l{layer}" + ("_reverse" if direction else "")
+
+
+@torch.no_grad()
+def to_fused(scratch: ScratchRecurrent, strict: bool = True) -> dict[str, Tensor]:
+    """A ``torch.nn.RNN/LSTM/GRU`` state dict with the same function as ``scratch``.
+
+    The textbook bias ``b`` becomes ``bias_ih`` (``bias_hh`` is zero), except a reset-after GRU's
+    candidate, whose recurrent bias ``b_hg`` is ``bias_hh``'s last block.
+    """
+    out = {}
+    for k, cell in enumerate(scratch.cells):
+        if strict and cell.kind == "gru" and not cell.reset_after:
+            raise ValueError("torch.nn.GRU computes the reset-after GRU; a reset-before GRU has no fused form")
+        suffix = _fused_suffix(k, scratch.directions)
+        w_x, w_h, b = cell.stacked()
+        b_hh = torch.zeros_like(b)
+        if cell.kind == "gru" and cell.reset_after:
+            b_hh[2 * cell.hidden_size :] = cell.b_hg
+        out.update({f"weight_ih_{suffix}": w_x.clone(), f"weight_hh_{suffix}": w_h.clone(),
+                    f"bias_ih_{suffix}": b.clone(), f"bias_hh_{suffix}": b_hh})
+    return out
+
+
+@torch.no_grad()
+def from_fused(scratch: ScratchRecurrent, fused: dict[str, Tensor]) -> None:
+    """Load a ``torch.nn.RNN/LSTM/GRU`` state dict into ``scratch`` (the inverse of :func:`to_fused`)."""
+    for k, cell in enumerate(scratch.cells):
+        suffix = _fused_suffix(k, scratch.directions)
+        w_x, w_h = fused[f"weight_ih_{suffix}"], fused[f"weight_hh_{suffix}"]
+        b_ih, b_hh = fused[f"bias_ih_{suffix}"], fused[f"bias_hh_{suffix}"]
+        hidden = cell.hidden_size
+        gates = GATES[cell.kind]
+        for n, gate in enumerate(gates):
+            rows = slice(n * hidden, (n + 1) * hidden)
+            getattr(cell, f"W_x{gate}").copy_(w_x[rows])
+            getattr(cell, f"W_h{gate}").copy_(w_h[rows])
+            recurrent_bias = b_hh[rows] if not (cell.kind == "gru" and gate == "g") else 0
+            getattr(cell, f"b_{gate}" if gate else "b").copy_(b_ih[rows] + recurrent_bias)
+        if cell.kind == "gru":
+            cell.b_hg.copy_(b_hh[2 * hidden :])

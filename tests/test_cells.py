@@ -1,0 +1,196 @@
+"""Textbook cells: the equations by hand, equivalence with torch.nn's fused kernels, Keras shapes,
+and the bidirectional language model that never sees the token it predicts."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rnnlm.backbone import KerasRecurrent, RecurrentBackbone
+from rnnlm.cells import GRUCell, LSTMCell, RNNCell, ScratchRecurrent, from_fused, run_cell, to_fused
+from rnnlm.network import LanguageModel
+
+FUSED = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def sigmoid(v: float) -> float:
+    return 1 / (1 + math.exp(-v))
+
+
+def set_scalars(cell, **values):
+    """Give a 1-input, 1-unit cell the named scalar weights."""
+    with torch.no_grad():
+        for name, value in values.items():
+            getattr(cell, name).fill_(value)
+
+
+def one_step(cell, x: float, state):
+    out, final = run_cell(cell, torch.tensor([[[x]]]), state)
+    return out.item(), final
+
+
+def test_rnn_cell_by_hand():
+    cell = RNNCell(1, 1)
+    set_scalars(cell, W_x=0.5, W_h=-1.0, b=0.1)
+    h, _ = one_step(cell, 2.0, torch.tensor([[0.3]]))
+    assert h == pytest.approx(math.tanh(0.5 * 2.0 - 1.0 * 0.3 + 0.1), abs=1e-6)
+    relu = RNNCell(1, 1, "relu")
+    set_scalars(relu, W_x=0.5, W_h=-1.0, b=0.1)
+    assert one_step(relu, -2.0, torch.tensor([[0.3]]))[0] == 0.0
+
+
+def test_lstm_cell_by_hand():
+    cell = LSTMCell(1, 1)
+    w = dict(W_xi=0.1, W_hi=0.2, b_i=0.3, W_xf=0.4, W_hf=0.5, b_f=0.6, W_xg=0.7, W_hg=0.8, b_g=0.9,
+             W_xo=1.0, W_ho=1.1, b_o=1.2)
+    set_scalars(cell, **w)
+    x, h0, c0 = 0.5, -0.4, 0.25
+    i = sigmoid(w["W_xi"] * x + w["W_hi"] * h0 + w["b_i"])
+    f = sigmoid(w["W_xf"] * x + w["W_hf"] * h0 + w["b_f"])
+    g = math.tanh(w["W_xg"] * x + w["W_hg"] * h0 + w["b_g"])
+    o = sigmoid(w["W_xo"] * x + w["W_ho"] * h0 + w["b_o"])
+    c = f * c0 + i * g
+    h, (h_state, c_state) = one_step(cell, x, (torch.tensor([[h0]]), torch.tensor([[c0]])))
+    assert h == pytest.approx(o * math.tanh(c), abs=1e-6) and h_state.item() == pytest.approx(h, abs=1e-7)
+    assert c_state.item() == pytest.approx(c, abs=1e-6)
+
+
+@pytest.mark.parametrize("reset_after", [False, True])
+def test_gru_cell_by_hand(reset_after):
+    cell = GRUCell(1, 1, reset_after=reset_after)
+    w = dict(W_xr=0.3, W_hr=-0.2, b_r=0.1, W_xz=0.5, W_hz=0.4, b_z=-0.3, W_xg=0.9, W_hg=-1.5, b_g=0.2)
+    set_scalars(cell, **w, **({"b_hg": 0.7} if reset_after else {}))
+    x, h0 = 0.8, 0.6
+    r = sigmoid(w["W_xr"] * x + w["W_hr"] * h0 + w["b_r"])
+    z = sigmoid(w["W_xz"] * x + w["W_hz"] * h0 + w["b_z"])
+    if reset_after:  # multiply, then reset: tanh(W_xg x + b_g + r (W_hg h + b_hg))
+        g = math.tanh(w["W_xg"] * x + w["b_g"] + r * (w["W_hg"] * h0 + 0.7))
+    else:  # reset, then multiply: tanh(W_hg (r h) + W_xg x + b_g)
+        g = math.tanh(w["W_hg"] * (r * h0) + w["W_xg"] * x + w["b_g"])
+    assert one_step(cell, x, torch.tensor([[h0]]))[0] == pytest.approx((1 - z) * g + z * h0, abs=1e-6)
+
+
+def test_gru_forms_differ_in_where_the_reset_applies():
+    torch.manual_seed(0)
+    before, after = GRUCell(3, 4, reset_after=False), GRUCell(3, 4, reset_after=True)
+    after.load_state_dict({**before.state_dict(), "b_hg": torch.zeros(4)})
+    x, h = torch.randn(2, 5, 3), torch.randn(2, 4)
+    assert not torch.allclose(run_cell(before, x, h)[0], run_cell(after, x, h)[0], atol=1e-4)
+
+
+def _grads_in_fused_layout(scratch: ScratchRecurrent) -> dict:
+    """Gradients of the scratch parameters arranged like torch.nn's, through the same conversion."""
+    with_grads = ScratchRecurrent(scratch.mode, 1, scratch.hidden_size, scratch.num_layers,
+                                  bidirectional=scratch.directions == 2)
+    with_grads.cells = nn.ModuleList(
+        type(c)(c.input_size, c.hidden_size, **({"reset_after": True} if c.kind == "gru" else {}))
+        for c in scratch.cells)
+    with torch.no_grad():
+        for copy, cell in zip(with_grads.cells, scratch.cells, strict=True):
+            for name, p in cell.named_parameters():
+                getattr(copy, name).copy_(p.grad)
+    return to_fused(with_grads)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_scratch_equals_fused_outputs_and_gradients(cell, bidirectional):
+    torch.manual_seed(0)
+    fused = FUSED[cell](5, 7, num_layers=2, batch_first=True, bidirectional=bidirectional)
+    scratch = ScratchRecurrent(cell, 5, 7, num_layers=2, bidirectional=bidirectional)
+    from_fused(scratch, fused.state_dict())
+    x1 = torch.randn(3, 6, 5, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    d = 2 if bidirectional else 1
+    h0 = torch.randn(2 * d, 3, 7)
+    state = (h0, torch.randn(2 * d, 3, 7)) if cell == "lstm" else h0
+    out_f, final_f = fused(x1, state)
+    out_s, final_s = scratch(x2, state)
+    assert torch.allclose(out_f, out_s, atol=1e-5)
+    for a, b in zip(final_f if cell == "lstm" else [final_f], final_s if cell == "lstm" else [final_s], strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    upstream = torch.randn_like(out_f)
+    (out_f * upstream).sum().backward()
+    (out_s * upstream).sum().backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
+    grads = _grads_in_fused_layout(scratch)
+    for name, p in fused.named_parameters():
+        if name.startswith("bias_hh"):  # the textbook b is bias_ih + bias_hh: both get b's gradient
+            keep = slice(0, 14) if cell == "gru" else slice(None)  # GRU's candidate keeps its own b_hg
+            assert torch.allclose(p.grad[keep], grads[name.replace("hh", "ih")][keep], atol=1e-5), name
+            if cell == "gru":
+                assert torch.allclose(p.grad[14:], grads[name][14:], atol=1e-5), name
+        else:
+            assert torch.allclose(p.grad, grads[name], atol=1e-5), name
+    restored = FUSED[cell](5, 7, num_layers=2, batch_first=True, bidirectional=bidirectional)
+    restored.load_state_dict(to_fused(scratch))  # and back: the converted weights give the same outputs
+    assert torch.allclose(restored(x1, state)[0], out_f, atol=1e-6)
+
+
+def test_language_model_weights_convert_between_implementations():
+    torch.manual_seed(0)
+    fused = LanguageModel(40, "gru", 8, 16, 2, 0.0, impl="fused").eval()
+    scratch = LanguageModel(40, "gru", 8, 16, 2, 0.0, impl="scratch").eval()
+    other = {k: v for k, v in fused.state_dict().items() if not k.startswith("backbone.")}
+    scratch.load_state_dict(other, strict=False)
+    scratch.backbone.load_fused_state_dict(fused.backbone.fused_state_dict())
+    tokens = torch.randint(0, 40, (2, 9))
+    assert torch.allclose(fused(tokens)[0], scratch(tokens)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cell,kwargs,shapes",
+    [  # the Keras shape table: units=3 on a (1, 4, 5) batch
+        ("rnn", {}, [(1, 3)]),
+        ("rnn", {"return_sequences": True}, [(1, 4, 3)]),
+        ("lstm", {"return_state": True}, [(1, 3), (1, 3), (1, 3)]),
+        ("lstm", {"return_sequences": True, "return_state": True}, [(1, 4, 3), (1, 3), (1, 3)]),
+        ("gru", {"return_state": True}, [(1, 3), (1, 3)]),
+        ("lstm", {"bidirectional": True}, [(1, 6)]),
+        ("lstm", {"bidirectional": True, "merge_mode": "sum"}, [(1, 3)]),
+        ("gru", {"bidirectional": True, "merge_mode": "ave", "return_sequences": True}, [(1, 4, 3)]),
+        ("lstm", {"bidirectional": True, "return_state": True}, [(1, 6), (1, 3), (1, 3), (1, 3), (1, 3)]),
+    ],
+)
+@pytest.mark.parametrize("impl", ["fused", "scratch"])
+def test_keras_shapes(cell, kwargs, shapes, impl):
+    torch.manual_seed(0)
+    layer = KerasRecurrent(cell, 5, 3, impl=impl, **kwargs)
+    out = layer(torch.randn(1, 4, 5))
+    outs = out if isinstance(out, list) else [out]
+    assert [tuple(t.shape) for t in outs] == shapes
+    if kwargs.get("return_state") and not kwargs.get("bidirectional") and not kwargs.get("return_sequences"):
+        assert torch.equal(outs[0], outs[1])  # the output of the last step is the last h
+
+
+def test_keras_bidirectional_last_output_joins_both_ends():
+    torch.manual_seed(0)
+    layer = KerasRecurrent("gru", 5, 3, bidirectional=True, return_sequences=True)
+    x = torch.randn(2, 4, 5)
+    sequences = layer(x)
+    layer.return_sequences = False
+    last = layer(x)
+    assert torch.equal(last[:, :3], sequences[:, -1, :3]) and torch.equal(last[:, 3:], sequences[:, 0, 3:])
+
+
+@pytest.mark.parametrize("impl", ["fused", "scratch"])
+def test_bidirectional_lm_never_sees_its_target(impl):
+    torch.manual_seed(0)
+    net = LanguageModel(30, "lstm", 16, 24, num_layers=2, dropout=0.0, bidirectional=True, impl=impl).eval()
+    tokens = torch.randint(0, 30, (2, 10))
+    logits, _ = net(tokens)
+    for t in range(10):
+        changed = tokens.clone()
+        changed[:, t] = (changed[:, t] + 1) % 30
+        new, _ = net(changed)
+        assert torch.allclose(new[:, t], logits[:, t], atol=1e-6)  # the prediction for t ignores token t
+        neighbours = [s for s in (t - 1, t + 1) if 0 <= s < 10]
+        assert all(not torch.allclose(new[:, s], logits[:, s]) for s in neighbours)  # but its neighbours see it
+
+
+def test_reset_before_gru_has_no_fused_form():
+    with pytest.raises(ValueError, match="impl=scratch"):
+        RecurrentBackbone("gru", 4, 4, impl="fused", reset_after=False)
+    with pytest.raises(ValueError, match="no fused form"):
+        to_fused(ScratchRecurrent("gru", 4, 4, reset_after=False))
