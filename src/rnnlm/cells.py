@@ -52,7 +52,7 @@ class Cell(nn.Module):
         )
 
     def input_part(self, x: Tensor) -> Tensor:
-        """``W_x x + b`` for every gate, for all steps at once: (B, T, I) -> (B, T, G*H)."""
+        """``W_x x + b`` for every gate, for all steps at once: (..., I) -> (..., G*H)."""
         w_x, _, b = self.stacked()
         return torch.addmm(b, x.reshape(-1, x.size(-1)), w_x.t()).view(*x.shape[:-1], -1)
 
@@ -69,6 +69,85 @@ class RNNCell(Cell):
     def step(self, xw: Tensor, h: Tensor, w_h: Tensor, b_h: Tensor | None = None) -> Tensor:
         # xw = W_x x_t + b
         return self.activation(xw + h @ w_h.t())
+
+
+def _probe_onednn_linear():
+    """oneDNN's linear kernel, when this torch build has it: at the small batch of a recurrent step it
+    multiplies about twice as fast as the default BLAS on the CPUs measured (benchmarks/cells_speed.py)."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w = torch.ones(2, 3), torch.ones(4, 3)
+        if torch.equal(op(x, w, None, "none", [], ""), x @ w.t()):
+            return op
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+_ONEDNN_LINEAR = _probe_onednn_linear()
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` (no autograd: for code that writes its own backward)."""
+    if _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        return _ONEDNN_LINEAR(x, w, None, "none", [], "")
+    return x @ w.t()
+
+
+class LSTMLoop(torch.autograd.Function):
+    """The LSTM recurrence over a whole sequence, with back-propagation through time written out.
+
+    Same arithmetic as :meth:`LSTMCell.step`; writing the backward by hand lets every step run as a
+    handful of kernels and the recurrent weights' gradient as one product over all steps, which
+    autograd, recording a dozen small operations per step, cannot.
+    """
+
+    @staticmethod
+    def forward(ctx, xw: Tensor, h: Tensor, c: Tensor, w_h: Tensor):
+        # xw (T, B, 4H): W_x x_t + b for every t, gates in the order i, f, g, o; h, c (B, H); w_h (4H, H)
+        steps, hidden = xw.size(0), h.size(1)
+        acts = torch.empty_like(xw)  # σ(i), σ(f), tanh(g), σ(o) of every step
+        cs = xw.new_empty(steps + 1, *c.shape)  # C_0 .. C_T
+        hs = xw.new_empty(steps + 1, *h.shape)  # h_0 .. h_T
+        tanh_cs = xw.new_empty(steps, *c.shape)  # tanh(C_1) .. tanh(C_T)
+        cs[0], hs[0] = c, h
+        for t in range(steps):
+            gates = linear(hs[t], w_h).add_(xw[t])  # W_x x_t + W_h h_{t-1} + b
+            a = acts[t]
+            torch.sigmoid(gates, out=a)
+            torch.tanh(gates[:, 2 * hidden : 3 * hidden], out=a[:, 2 * hidden : 3 * hidden])
+            i, f, g, o = a.split(hidden, 1)
+            torch.addcmul(f * cs[t], i, g, out=cs[t + 1])  # C_t = f_t∘C_{t-1} + i_t∘g_t
+            torch.mul(o, torch.tanh(cs[t + 1], out=tanh_cs[t]), out=hs[t + 1])  # h_t = o_t∘tanh(C_t)
+        ctx.save_for_backward(acts, cs, tanh_cs, hs, w_h)
+        return hs[1:], cs[steps].clone()
+
+    @staticmethod
+    def backward(ctx, d_hs: Tensor, d_c_last: Tensor | None):
+        acts, cs, tanh_cs, hs, w_h = ctx.saved_tensors
+        steps, _, gates = acts.shape
+        hidden = gates // 4
+        d_gates = torch.empty_like(acts)  # gradients of the gates' pre-activations
+        w_h_t = w_h.t().contiguous()
+        dh = torch.zeros_like(hs[0])
+        dc = d_c_last.clone() if d_c_last is not None else torch.zeros_like(dh)
+        for t in range(steps - 1, -1, -1):
+            a, tanh_c, d = acts[t], tanh_cs[t], d_gates[t]
+            i, f, g, o = a.split(hidden, 1)
+            dh = dh + d_hs[t]
+            dc = torch.addcmul(dc, dh, o * (1 - tanh_c * tanh_c))  # h_t = o∘tanh(C_t)
+            # ∂L/∂gate outputs: i <- dC∘g, f <- dC∘C_{t-1}, g <- dC∘i, o <- dh∘tanh(C_t)
+            torch.mul(dc, g, out=d[:, :hidden])
+            torch.mul(dc, cs[t], out=d[:, hidden : 2 * hidden])
+            torch.mul(dc, i, out=d[:, 2 * hidden : 3 * hidden])
+            torch.mul(dh, tanh_c, out=d[:, 3 * hidden :])
+            slope = a - a * a  # σ' = σ(1-σ) for i, f, o ...
+            slope[:, 2 * hidden : 3 * hidden] = 1 - g * g  # ... and tanh' = 1 - tanh² for g
+            d.mul_(slope)
+            dh = linear(d, w_h_t)  # into h_{t-1}
+            dc = dc * f  # into C_{t-1}
+        d_w_h = d_gates.reshape(-1, gates).t() @ hs[:-1].reshape(-1, hidden)  # one product for all steps
+        return d_gates, dh, dc, d_w_h
 
 
 class LSTMCell(Cell):
@@ -139,6 +218,11 @@ def make_cell(kind: str, input_size: int, hidden_size: int, nonlinearity: str = 
 
 def run_cell(cell: Cell, x: Tensor, state, reverse: bool = False) -> tuple[Tensor, object]:
     """Run ``cell`` over x (B, T, I) from ``state`` -> outputs (B, T, H) and the final state."""
+    if isinstance(cell, LSTMCell):
+        xw = cell.input_part(x.flip(1) if reverse else x).transpose(0, 1).contiguous()  # (T, B, 4H)
+        hs, c = LSTMLoop.apply(xw, state[0], state[1], cell.stacked()[1])
+        outputs = hs.transpose(0, 1)
+        return (outputs.flip(1) if reverse else outputs), (hs[-1], c)
     xws = cell.input_part(x).unbind(1)  # W_x x_t + b for every t, in one product
     _, w_h, _ = cell.stacked()
     b_h = getattr(cell, "b_hg", None)

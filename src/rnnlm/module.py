@@ -26,6 +26,8 @@ class RecurrentLM(L.LightningModule):
         carry_state: stream batches continue each other: start each chunk from the previous chunk's
             final state, detached (truncated BPTT), and restart from zeros at every epoch. A bidirectional
             model reads every chunk on its own.
+        compile: run the recurrent stacks through ``torch.compile`` (worth it for ``impl=scratch``;
+            the first step compiles, which takes tens of seconds).
         optimizer: ``params -> Optimizer`` (a Hydra partial).
         scheduler: ``optimizer -> LRScheduler`` (a Hydra partial), stepped per epoch on ``val/loss``.
         Other arguments: see :class:`LanguageModel`.
@@ -45,6 +47,7 @@ class RecurrentLM(L.LightningModule):
         bidirectional: bool = False,
         impl: str = "fused",
         reset_after: bool = True,
+        compile: bool = False,
         carry_state: bool = True,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
@@ -54,6 +57,10 @@ class RecurrentLM(L.LightningModule):
         self.vocab = vocab
         self.net = LanguageModel(len(vocab), cell, embedding_dim, hidden_size, num_layers, dropout,
                                  nonlinearity, tie_weights, init_range, bidirectional, impl, reset_after)
+        if compile:  # torch.compile in place: the state dict keeps its names; the first step pays for compiling
+            for stack in (self.net.backbone, self.net.backward_backbone):
+                if stack is not None:
+                    stack.compile()
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=2e-3))
         self.scheduler_factory = scheduler
         self.carry_state = carry_state
