@@ -190,3 +190,10 @@ def test_recurrent_variants_are_checked_up_front(make_cfg, overrides, message):
 
     with pytest.raises(ConfigError, match=message.replace("|", r"\|")):
         train(make_cfg(*overrides))
+
+
+@pytest.mark.slow
+def test_compiled_scratch_cells_train(make_cfg, tiny_corpus):
+    cfg = make_cfg("model=gru", "model.impl=scratch", "model.compile=true", f"data.path={tiny_corpus}",
+                   "trainer.max_steps=3", "test=false")
+    assert train(cfg)["val/loss"] > 0  # the first step compiles (tens of seconds), then it trains as usual

@@ -89,7 +89,8 @@ _ONEDNN_LINEAR = _probe_onednn_linear()
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w.T`` (no autograd: for code that writes its own backward)."""
-    if _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+    usable = _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+    if usable and not torch.compiler.is_compiling():  # the compiler cannot lower this op: it fuses its own
         return _ONEDNN_LINEAR(x, w, None, "none", [], "")
     return x @ w.t()
 
@@ -97,7 +98,7 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
 class LSTMLoop(torch.autograd.Function):
     """The LSTM recurrence over a whole sequence, with back-propagation through time written out.
 
-    Same arithmetic as :meth:`LSTMCell.step`; writing the backward by hand lets every step run as a
+    The equations of :class:`LSTMCell`; writing the backward by hand lets every step run as a
     handful of kernels and the recurrent weights' gradient as one product over all steps, which
     autograd, recording a dozen small operations per step, cannot.
     """
@@ -161,13 +162,7 @@ class LSTMCell(Cell):
         h_t = o_t∘tanh(C_t)
     """
 
-    kind = "lstm"
-
-    def step(self, xw: Tensor, state: tuple[Tensor, Tensor], w_h: Tensor, b_h: Tensor | None = None):
-        h, c = state
-        i, f, g, o = (xw + h @ w_h.t()).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+    kind = "lstm"  # run over time by LSTMLoop, which computes these equations with its own backward
 
 
 class GRUCell(Cell):
