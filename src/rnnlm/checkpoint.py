@@ -2,19 +2,49 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from rnnlm.module import CHECKPOINT_KEY, RecurrentLM
+from rnnlm.module import CHECKPOINT_KEY, NonFiniteError, RecurrentLM
 from rnnlm.network import LanguageModel
 from rnnlm.vocab import Vocab
 
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, damaged, unsafe, or not one of ours; the message says which."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, syncs it to disk, then renames it over the
+    old one: a process killed at any moment leaves the previous checkpoint whole. A checkpoint whose
+    weights are not finite is refused, so a diverged run never overwrites its last good checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
+               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteError(
+                f"the weights became NaN or infinite by step {checkpoint.get('global_step')} ({', '.join(bad[:3])}): "
+                f"{path.name} was not overwritten; lower optimizer.lr or set trainer.gradient_clip_val"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 @dataclass

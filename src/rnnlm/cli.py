@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import torch
 
-from rnnlm.checkpoint import CheckpointError
+from rnnlm.checkpoint import CheckpointError, NonFiniteError
 from rnnlm.checks import ConfigError
 from rnnlm.corpora import DataError
 from rnnlm.vocab import VocabularyError
@@ -20,6 +20,11 @@ from rnnlm.vocab import VocabularyError
 # The stream loader is an IterableDataset with a length, read without worker processes, so the
 # length is exact; Lightning's warning about workers duplicating data does not apply.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
+
+
+# The datamodule saves and restores the stream's position itself (TextDataModule.state_dict), so a run
+# resumed mid-epoch continues exactly; Lightning only looks for that on the DataLoader object.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class _NoAdverts(logging.Filter):
@@ -31,7 +36,7 @@ for _handler in logging.getLogger("lightning.pytorch").handlers:
     _handler.addFilter(_NoAdverts())
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable install)
-USER_ERRORS = (ConfigError, DataError, CheckpointError, VocabularyError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, VocabularyError, NonFiniteError)
 T = TypeVar("T")
 
 

@@ -52,12 +52,14 @@ class StreamChunks(IterableDataset):
         block = ids[: columns * self.steps].reshape(columns, self.steps)
         self.rows = block[rank * batch_size : (rank + 1) * batch_size]  # (B, steps), still memory-mapped
         self.seq_len = seq_len
+        self.resume_at = 0  # chunk the next pass starts from (set when a run resumes mid-epoch)
 
     def __len__(self) -> int:
         return math.ceil((self.steps - 1) / self.seq_len)
 
     def __iter__(self):
-        for start in range(0, self.steps - 1, self.seq_len):
+        first, self.resume_at = self.resume_at, 0  # only the pass that resumes skips ahead
+        for start in range(first * self.seq_len, self.steps - 1, self.seq_len):
             length = min(self.seq_len, self.steps - 1 - start)
             window = torch.from_numpy(self.rows[:, start : start + length + 1].astype(np.int64))  # (B, T+1)
             yield window[:, :-1], window[:, 1:]
@@ -94,10 +96,17 @@ def pad_batch(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
 
 
 def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers: int = 0) -> DataLoader:
-    """Stream chunks come batched and in order; sentences are shuffled (if asked) and padded ``rows`` at a time."""
+    """Stream chunks come batched and in order; sentences are shuffled (if asked) and padded ``rows`` at a time.
+
+    Each loader draws on a generator of its own (seeded from the run's seed): starting an iterator
+    would otherwise take a number from the global random stream, so where validations fall would
+    change the dropout masks, and a resumed run would not repeat the original.
+    """
+    generator = torch.Generator().manual_seed(torch.initial_seed())
     if isinstance(dataset, StreamChunks):
-        return DataLoader(dataset, batch_size=None)
-    return DataLoader(dataset, batch_size=rows, shuffle=shuffle, collate_fn=pad_batch, num_workers=num_workers)
+        return DataLoader(dataset, batch_size=None, generator=generator)
+    return DataLoader(dataset, batch_size=rows, shuffle=shuffle, collate_fn=pad_batch, num_workers=num_workers,
+                      generator=generator)
 
 
 class TextDataModule(L.LightningDataModule):
@@ -184,6 +193,18 @@ class TextDataModule(L.LightningDataModule):
                 if self.datasets[split].truncated:
                     log.warning("%s: %d lines longer than data.seq_len=%d tokens are cut to it",
                                 split, self.datasets[split].truncated, hp.seq_len)
+
+    def state_dict(self) -> dict:
+        """Where the training stream stands: the chunks of this epoch already trained on."""
+        if self.trainer is None or not isinstance(self.datasets.get("train"), StreamChunks):
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_chunks_done": done % len(self.datasets["train"])}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the stream where the checkpoint left it (called after setup, before the loaders)."""
+        if state.get("train_chunks_done") and isinstance(self.datasets.get("train"), StreamChunks):
+            self.datasets["train"].resume_at = state["train_chunks_done"]
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         rows = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size

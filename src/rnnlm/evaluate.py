@@ -14,11 +14,13 @@ from omegaconf import DictConfig
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.checks import ConfigError
 from rnnlm.cli import CONF_DIR, exit_on_user_error, pick_device
-from rnnlm.corpora import SPLITS, path_source
+from rnnlm.corpora import SPLITS, DataError, path_source
 from rnnlm.datamodule import Sentences, StreamChunks, TextDataModule, make_loader
 from rnnlm.prepare import encode_text
 
 log = logging.getLogger(__name__)
+
+MAX_UNK_SHARE = 0.5  # above this share of <unk>, a perplexity says nothing about the model
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -39,6 +41,11 @@ def evaluate(cfg: DictConfig) -> dict:
     else:
         raise ConfigError("the checkpoint does not record its training data: give data.path=FILE")
     ids = encode_text(source, vocab.level, vocab, split)
+    if vocab.unk_id is not None and len(ids) and (unk_share := float((ids == vocab.unk_id).mean())) > MAX_UNK_SHARE:
+        raise DataError(
+            f"{unk_share:.0%} of the tokens of {source.name} are outside the checkpoint's vocabulary: this text "
+            "does not match the model (a different language or tokenization?); evaluate on text like its training data"
+        )
     batch_size = cfg.data.batch_size or trained_on.get("eval_batch_size", 10)
     seq_len = cfg.data.seq_len or trained_on.get("seq_len", 128)
     if loaded.info["carry_state"]:

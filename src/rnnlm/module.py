@@ -16,6 +16,11 @@ from rnnlm.vocab import Vocab
 
 CHECKPOINT_KEY = "rnnlm"  # the plain-data part of a checkpoint that eval/generate read
 CHECKPOINT_FORMAT = 1
+RESUME_KEY = "rnnlm_resume"  # what only a resumed training run reads
+
+
+class NonFiniteError(Exception):
+    """Training produced NaN or infinite values; the message names the step and what was kept."""
 
 
 class RecurrentLM(L.LightningModule):
@@ -87,12 +92,16 @@ class RecurrentLM(L.LightningModule):
         return sequence_loss(logits, targets, IGNORE_INDEX)
 
     # ---------------------------------------------------------------- training
-    def on_train_epoch_start(self) -> None:
-        self._state["train"] = None
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if batch_idx == 0:  # a new pass over the stream starts from zeros (a resumed one from its checkpoint)
+            self._state["train"] = None
         total, count = self._step(batch, "train")
         loss = total / count
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"the training loss is {loss.item()} at step {self.trainer.global_step + 1}: training stopped and "
+                "the last checkpoint was kept; lower optimizer.lr or set trainer.gradient_clip_val"
+            )
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -176,6 +185,24 @@ class RecurrentLM(L.LightningModule):
             "vocab": self.vocab.to_dict(),
             "carry_state": self.carry_state,
         }
+        # What a resumed run needs to continue exactly as if it had not stopped: the hidden state carried
+        # into the next chunk and the random streams that draw the next dropout masks.
+        checkpoint[RESUME_KEY] = {
+            "train_state": self._state["train"],
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        resume = checkpoint.get(RESUME_KEY)
+        if resume is None:
+            return
+        state = resume["train_state"]
+        self._state["train"] = None if state is None else detach_state(
+            tuple(s.to(self.device) for s in state) if isinstance(state, (tuple, list)) else state.to(self.device))
+        torch.set_rng_state(resume["torch_rng"])
+        if resume["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
 
 
 def _batch_rows(state: State) -> int:

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlm.callbacks import HparamsWithBest
-from rnnlm.checkpoint import CheckpointError
+from rnnlm.checkpoint import AtomicCheckpointIO, CheckpointError, LoadedModel, load_checkpoint
 from rnnlm.checks import check_train_config
 from rnnlm.cli import CONF_DIR, exit_on_user_error
 
@@ -38,6 +38,35 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def resolve_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path=last`` is the newest ``last.ckpt`` among this task's runs."""
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "last":
+        runs = Path(cfg.paths.log_dir) / cfg.task_name
+        found = [p for p in runs.glob("*runs/**/checkpoints/last.ckpt")
+                 if Path(cfg.paths.output_dir).resolve() not in p.resolve().parents]
+        if not found:
+            raise CheckpointError(f"ckpt_path=last found no run with checkpoints/last.ckpt under {runs}")
+        return str(max(found, key=lambda p: p.stat().st_mtime))
+    if not Path(cfg.ckpt_path).is_file():
+        raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist: give RUN/checkpoints/last.ckpt or last")
+    return str(cfg.ckpt_path)
+
+
+def check_resume_matches(resumed: LoadedModel, model, ckpt_path: str) -> None:
+    """A resumed run must build the same network on the same vocabulary as the checkpoint."""
+    if resumed.vocab.tokens != model.vocab.tokens:
+        raise CheckpointError(
+            f"{ckpt_path} was trained on a different vocabulary ({len(resumed.vocab)} tokens, this data gives "
+            f"{len(model.vocab)}): resume with the data settings of that run"
+        )
+    differ = {k: (v, model.net.config[k]) for k, v in resumed.info["network"].items() if model.net.config.get(k) != v}
+    if differ:
+        shown = ", ".join(f"model.{k}={old} (config: {new})" for k, (old, new) in differ.items())
+        raise CheckpointError(f"{ckpt_path} was trained with {shown}: resume with the same model settings")
+
+
 def run_hparams(cfg: DictConfig) -> dict:
     """The settings worth comparing runs by, flattened for the loggers."""
     full = OmegaConf.to_container(cfg, resolve=True)
@@ -55,8 +84,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, 
     ``extra_callbacks`` join the configured ones (for programs that drive training, e.g. benchmarks).
     """
     check_train_config(cfg)
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist: give RUN/checkpoints/last.ckpt")
+    ckpt_path = resolve_resume(cfg)
+    resumed = load_checkpoint(ckpt_path) if ckpt_path else None  # a bad checkpoint fails here, not mid-setup
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.keep_freed_memory and keep_freed_memory():
@@ -72,6 +101,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, 
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,  # `scheduler=null` drops it
     )
+    if resumed is not None:
+        check_resume_matches(resumed, model, ckpt_path)
     splits = datamodule.load().splits
     log.info(
         "%s | %s level, %s mode | vocab %d | tokens train %d valid %d test %d | %s %d params",
@@ -82,8 +113,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, 
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [HparamsWithBest(run_hparams(cfg))]
     callbacks += list(extra_callbacks)
     loggers = [instantiate(lg) for lg in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
