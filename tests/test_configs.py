@@ -51,3 +51,9 @@ def test_every_experiment_runs_a_few_steps(make_cfg, experiment, tiny_corpus):
                    "test=false", "model.num_layers=1", "model.hidden_size=16", "model.embedding_dim=16")
     metrics = train(cfg)
     assert metrics["val/loss"] > 0
+
+
+@pytest.mark.parametrize("override", ["model=transformer", "data=bytes", "trainer=tpu"])
+def test_unknown_choice_is_rejected_with_the_options(make_cfg, override):
+    with pytest.raises(Exception, match=r"Could not find '\w+/\w+'"):
+        make_cfg(override)

@@ -16,7 +16,8 @@ from rnnlm.sampling import generate
 
 
 class TokensPerSecond(L.Callback):
-    """Logs ``train/tokens_per_s``: scored tokens over wall time, averaged over ``window`` steps.
+    """Logs ``train/tokens_per_s`` (scored tokens over wall time, averaged over ``window`` steps) and
+    ``train/tokens_seen`` (all tokens trained on so far, the x-axis of sweep reports).
 
     Wall time between batch ends counts everything a step costs (data, forward, backward, optimizer,
     logging); validation time is left out.
@@ -24,9 +25,17 @@ class TokensPerSecond(L.Callback):
 
     def __init__(self, window: int = 20):
         self.window = window
+        self.rates: list[float] = []  # every logged rate, for the run summary
+        self.seen = 0  # tokens trained on since the run began (all processes)
         self._tokens = 0
         self._steps = 0
         self._since: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = state.get("seen", 0)
 
     def _restart(self) -> None:
         self._tokens, self._steps, self._since = 0, 0, time.perf_counter()
@@ -42,10 +51,14 @@ class TokensPerSecond(L.Callback):
             self._restart()
             return
         _, targets = batch
-        self._tokens += int((targets != IGNORE_INDEX).sum()) * trainer.world_size
+        tokens = int((targets != IGNORE_INDEX).sum()) * trainer.world_size
+        self._tokens += tokens
+        self.seen += tokens
+        pl_module.log("train/tokens_seen", float(self.seen), rank_zero_only=True)
         self._steps += 1
         if self._steps >= self.window:
             rate = self._tokens / (time.perf_counter() - self._since)
+            self.rates.append(rate)
             pl_module.log("train/tokens_per_s", rate, prog_bar=True, rank_zero_only=True)
             self._restart()
 

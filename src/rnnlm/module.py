@@ -53,6 +53,7 @@ class RecurrentLM(L.LightningModule):
         impl: str = "fused",
         reset_after: bool = True,
         compile: bool = False,
+        init_all: bool = False,
         carry_state: bool = True,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
@@ -61,7 +62,7 @@ class RecurrentLM(L.LightningModule):
         self.save_hyperparameters(ignore=["vocab", "optimizer", "scheduler"], logger=False)
         self.vocab = vocab
         self.net = LanguageModel(len(vocab), cell, embedding_dim, hidden_size, num_layers, dropout,
-                                 nonlinearity, tie_weights, init_range, bidirectional, impl, reset_after)
+                                 nonlinearity, tie_weights, init_range, bidirectional, impl, reset_after, init_all)
         if compile:  # torch.compile in place: the state dict keeps its names; the first step pays for compiling
             for stack in (self.net.backbone, self.net.backward_backbone):
                 if stack is not None:

@@ -21,7 +21,8 @@ class LanguageModel(nn.Module):
         nonlinearity: ``tanh`` or ``relu`` (vanilla RNN only).
         tie_weights: share the embedding matrix with the decoder (needs ``embedding_dim`` equal to the
             decoder's input: ``hidden_size``, or ``2 * hidden_size`` when bidirectional).
-        init_range: embedding and decoder weights start uniform in ``±init_range``.
+        init_range: embedding and decoder weights start uniform in ``±init_range`` (all parameters
+            with ``init_all``; otherwise the recurrent ones keep torch.nn's ``±1/sqrt(hidden_size)``).
         bidirectional: a bidirectional LM: token t is predicted from the forward state at t-1 and the
             backward state at t+1, so no prediction sees its own token. It cannot generate text.
         impl: ``fused`` (torch.nn kernels) or ``scratch`` (the textbook cells of :mod:`rnnlm.cells`).
@@ -31,12 +32,13 @@ class LanguageModel(nn.Module):
     def __init__(self, vocab_size: int, cell: str = "lstm", embedding_dim: int | None = 200,
                  hidden_size: int = 200, num_layers: int = 2, dropout: float = 0.2,
                  nonlinearity: str = "tanh", tie_weights: bool = False, init_range: float = 0.1,
-                 bidirectional: bool = False, impl: str = "fused", reset_after: bool = True):
+                 bidirectional: bool = False, impl: str = "fused", reset_after: bool = True,
+                 init_all: bool = False):
         super().__init__()
         self.config = dict(vocab_size=vocab_size, cell=cell, embedding_dim=embedding_dim,
                            hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
                            nonlinearity=nonlinearity, tie_weights=tie_weights, init_range=init_range,
-                           bidirectional=bidirectional, impl=impl, reset_after=reset_after)
+                           bidirectional=bidirectional, impl=impl, reset_after=reset_after, init_all=init_all)
         self.bidirectional = bidirectional
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, embedding_dim) if embedding_dim else None
@@ -50,10 +52,14 @@ class LanguageModel(nn.Module):
         self.backward_backbone = RecurrentBackbone(*stack) if bidirectional else None
         features = hidden_size * (2 if bidirectional else 1)
         self.decoder = nn.Linear(features, vocab_size)
-        if self.embedding is not None:
-            nn.init.uniform_(self.embedding.weight, -init_range, init_range)
-        nn.init.uniform_(self.decoder.weight, -init_range, init_range)
-        nn.init.zeros_(self.decoder.bias)
+        if init_all:  # every weight and bias, recurrent ones too (Zaremba et al. 2014)
+            for parameter in self.parameters():
+                nn.init.uniform_(parameter, -init_range, init_range)
+        else:
+            if self.embedding is not None:
+                nn.init.uniform_(self.embedding.weight, -init_range, init_range)
+            nn.init.uniform_(self.decoder.weight, -init_range, init_range)
+            nn.init.zeros_(self.decoder.bias)
         if tie_weights:
             if self.embedding is None or embedding_dim != features:
                 raise ValueError(f"tie_weights needs embedding_dim == {features} (the decoder's input size)")

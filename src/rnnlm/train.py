@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from rnnlm.callbacks import HparamsWithBest
+from rnnlm.callbacks import HparamsWithBest, TokensPerSecond
 from rnnlm.checkpoint import AtomicCheckpointIO, CheckpointError, LoadedModel, load_checkpoint
 from rnnlm.checks import check_train_config
 from rnnlm.cli import CONF_DIR, exit_on_user_error
 
 log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "run_summary.json"
 
 
 
@@ -81,8 +89,34 @@ def run_hparams(cfg: DictConfig) -> dict:
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, float]:
     """Fit (and optionally test) the model the config describes; return the final metrics.
 
+    Whatever happens, the run folder gets ``run_summary.json``: status (``ok`` or ``failed`` with the
+    error), parameter count, final metrics, tokens/s and wall time, which ``rnnlm-report`` reads.
     ``extra_callbacks`` join the configured ones (for programs that drive training, e.g. benchmarks).
     """
+    started = time.time()
+    summary: dict = {"status": "running"}
+    try:
+        metrics = _fit(cfg, list(extra_callbacks), summary)
+    except BaseException as err:
+        summary.update(status="failed", error=f"{type(err).__name__}: {err}".splitlines()[0][:500])
+        raise
+    else:
+        summary.update(status="ok", metrics=metrics)
+        return metrics
+    finally:
+        summary["wall_s"] = round(time.time() - started, 1)
+        if rank_zero_only.rank == 0:
+            write_json_atomically(Path(cfg.paths.output_dir) / SUMMARY_FILE, summary)
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict) -> dict[str, float]:
     check_train_config(cfg)
     ckpt_path = resolve_resume(cfg)
     resumed = load_checkpoint(ckpt_path) if ckpt_path else None  # a bad checkpoint fails here, not mid-setup
@@ -109,6 +143,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, 
         datamodule.load().path.name, vocab.level, cfg.data.mode, len(vocab),
         len(splits["train"]), len(splits["valid"]), len(splits["test"]), cfg.model.cell, model.net.num_parameters(),
     )
+    summary.update(params=model.net.num_parameters(), level=vocab.level, vocab_size=len(vocab))
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [HparamsWithBest(run_hparams(cfg))]
     callbacks += list(extra_callbacks)
@@ -116,6 +151,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, 
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    speed = [c for c in callbacks if isinstance(c, TokensPerSecond) and c.rates]
+    summary["tokens_per_s"] = round(statistics.median(speed[0].rates), 1) if speed else None
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
@@ -126,10 +163,20 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, 
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 @exit_on_user_error
-def _hydra_main(cfg: DictConfig) -> float | None:
+def _single_run(cfg: DictConfig) -> float | None:
     return train(cfg).get(cfg.optimized_metric)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return _single_run(cfg)
+    try:  # in a sweep one failing job (a crash, a NaN, a bad combination) must not stop the others
+        return train(cfg).get(cfg.optimized_metric)
+    except Exception as err:  # recorded in the job's run_summary.json
+        log.error("Job failed: %s: %s", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return float("nan")
 
 
 def main() -> None:

@@ -1,0 +1,176 @@
+"""Summarise a sweep from what its runs logged: ``rnnlm-report outputs/train/multiruns/<sweep>``.
+
+Writes, into the sweep folder, ``summary.csv`` and ``summary.md`` (one row per job: the swept values,
+parameter count, best validation loss and perplexity or bits per character, test metrics, tokens/s,
+wall time, status) and ``curves.png`` (every job's validation loss against tokens seen). Nothing is
+re-run: each job's ``run_summary.json`` and its TensorBoard events (or ``csv/metrics.csv``) are read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+SKIPPED_OVERRIDES = ("hydra.", "paths.")  # where things go, not what was compared
+
+
+def job_dirs(sweep: Path) -> list[Path]:
+    """The sweep's job folders (those Hydra wrote a config into), in job order."""
+    jobs = [p for p in sweep.iterdir() if (p / ".hydra" / "config.yaml").is_file()]
+    return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def swept_values(job: Path) -> dict[str, str]:
+    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    values = {}
+    for item in overrides:
+        key, _, value = str(item).partition("=")
+        if not key.lstrip("+~").startswith(SKIPPED_OVERRIDES):
+            values[key] = value
+    return values
+
+
+def curves(job: Path) -> dict[str, list[tuple[int, float]]]:
+    """Logged scalars as ``tag -> [(step, value)]``, from TensorBoard events or the CSV log."""
+    if (job / "tensorboard").is_dir():
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(job / "tensorboard"), size_guidance={"scalars": 0})
+        events.Reload()
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    found: dict[str, list[tuple[int, float]]] = {}
+    metrics = job / "csv" / "metrics.csv"
+    if metrics.is_file():
+        for row in csv.DictReader(metrics.open()):
+            for tag, value in row.items():
+                if tag not in ("epoch", "step") and value not in ("", None):
+                    found.setdefault(tag, []).append((int(row["step"]), float(value)))
+    return found
+
+
+def _tokens_at(step: int, seen: list[tuple[int, float]]) -> float:
+    """Tokens seen by ``step``, read off the logged ``train/tokens_seen`` (the last value at or before it)."""
+    before = [value for s, value in seen if s <= step]
+    return before[-1] if before else 0.0
+
+
+def job_row(job: Path, swept: list[str]) -> dict:
+    """One row of the summary table; ``swept`` names the overrides that differ between jobs."""
+    summary_file = job / "run_summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"status": "no summary"}
+    logged = curves(job)
+    metrics = summary.get("metrics") or {}
+    values = swept_values(job)
+    row: dict = {"job": job.name, **{k: values.get(k, "") for k in swept}, "status": summary.get("status"),
+                 "params": summary.get("params")}
+    level = summary.get("level") or (yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}).get(
+        "data", {}).get("level")
+    val = [v for _, v in logged.get("val/loss", [])]
+    best = min(val) if val else None
+    row["best val/loss"] = best
+    row["best val/ppl" if level != "char" else "best val/bpc"] = _scale(best, level)
+    test = metrics.get("test/loss")
+    row["test/loss"] = test
+    row["test/ppl" if level != "char" else "test/bpc"] = _scale(test, level)
+    row["tokens/s"] = summary.get("tokens_per_s")
+    row["wall s"] = summary.get("wall_s")
+    row["error"] = summary.get("error", "")
+    return row
+
+
+def _scale(loss: float | None, level: str | None) -> float | None:
+    if loss is None:
+        return None
+    return loss / math.log(2) if level == "char" else math.exp(min(loss, 700.0))
+
+
+def _cell(column: str, value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.0f}" if column in ("tokens/s", "params") else f"{value:,.1f}" if column == "wall s" \
+            else f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+    if isinstance(value, int) and column == "params":
+        return f"{value:,}"
+    return str(value)
+
+
+def varying_overrides(jobs: list[Path]) -> tuple[list[str], dict[str, str]]:
+    """The overrides whose values differ between jobs (the swept ones) and those all jobs share."""
+    values = [swept_values(job) for job in jobs]
+    keys = list(dict.fromkeys(k for v in values for k in v))
+    varying = [k for k in keys if len({v.get(k) for v in values}) > 1]
+    shared = {k: values[0][k] for k in keys if k not in varying and k in values[0]}
+    return varying, shared
+
+
+def write_report(sweep: Path) -> tuple[Path, Path, Path]:
+    """Write summary.csv, summary.md and curves.png into ``sweep``; return their paths."""
+    jobs = job_dirs(sweep)
+    if not jobs:
+        raise SystemExit(f"error: {sweep} holds no job folders (each has .hydra/config.yaml): give a sweep folder")
+    swept, shared = varying_overrides(jobs)
+    rows = [job_row(job, swept) for job in jobs]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    csv_path, md_path, png_path = sweep / "summary.csv", sweep / "summary.md", sweep / "curves.png"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"Sweep `{sweep.name}`: {len(rows)} jobs"]
+    if shared:
+        lines[0] += ", all with " + " ".join(f"`{k}={v}`" for k, v in shared.items())
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(c, row.get(c)).replace("|", "\\|") for c in columns) + " |" for row in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    _plot(jobs, swept, png_path)
+    return csv_path, md_path, png_path
+
+
+def _plot(jobs: list[Path], swept: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for job in jobs:
+        logged = curves(job)
+        points = logged.get("val/loss", [])
+        if not points:
+            continue
+        seen = logged.get("train/tokens_seen", [])
+        x = [_tokens_at(step, seen) if seen else step for step, _ in points]
+        values = swept_values(job)
+        label = ", ".join(f"{k}={values.get(k, '')}" for k in swept) or job.name
+        axes.plot(x, [v for _, v in points], marker="o", markersize=3, label=label)
+    axes.set_xlabel("tokens seen" if any("train/tokens_seen" in curves(j) for j in jobs) else "step")
+    axes.set_ylabel("validation loss (nats per token)")
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main() -> None:
+    """Console entry point: ``rnnlm-report SWEEP_FOLDER``."""
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print("usage: rnnlm-report outputs/train/multiruns/<sweep>", file=sys.stderr)
+        sys.exit(2)
+    sweep = Path(sys.argv[1])
+    if not sweep.is_dir():
+        print(f"error: {sweep} is not a folder: give a sweep folder from outputs/train/multiruns/", file=sys.stderr)
+        sys.exit(2)
+    for written in write_report(sweep):
+        print(written)
+
+
+if __name__ == "__main__":
+    main()
