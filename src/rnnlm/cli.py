@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -41,13 +42,16 @@ T = TypeVar("T")
 
 
 def exit_on_user_error(task: Callable[..., T]) -> Callable[..., T]:
-    """Print ``error: <message>`` and exit 2 on a user error, instead of a traceback."""
+    """Print ``error: <message>`` and exit 2 on a user error, instead of a traceback
+    (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
         try:
             return task(*args, **kwargs)
         except USER_ERRORS as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for the whole story
+                raise
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
 
