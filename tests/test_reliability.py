@@ -35,6 +35,7 @@ def _step_of(path: Path) -> int:
         return -1
 
 
+@pytest.mark.slow  # about a minute: three runs of a model big enough to be killed mid-way
 def test_killed_run_resumes_to_the_same_result(make_cfg, tiny_corpus, tmp_path, cache_dir, shared_data):
     reference = train(make_cfg(*RESUMABLE, f"data.path={tiny_corpus}", run_dir=tmp_path / "straight"))
 
