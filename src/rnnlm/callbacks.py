@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from rnnlm.datamodule import IGNORE_INDEX
 from rnnlm.sampling import generate
+from rnnlm.vocab import loss_in_units
 
 
 class TokensPerSecond(L.Callback):
@@ -109,11 +109,8 @@ class HparamsWithBest(L.Callback):
         best = pl_module.best_val_loss.item()
         if not trainer.loggers or best == float("inf"):
             return
-        metrics = {"hp/val_loss_best": best}
-        if pl_module.vocab.level == "char":
-            metrics["hp/val_bpc_best"] = best / math.log(2)
-        else:
-            metrics["hp/val_ppl_best"] = math.exp(best)
+        unit, value = loss_in_units(best, pl_module.vocab.level)
+        metrics = {"hp/val_loss_best": best, f"hp/val_{unit}_best": value}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # ties the metrics to the hparams in the HParams tab
                 logger.log_hyperparams(self.hparams, metrics=metrics)

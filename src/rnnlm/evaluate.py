@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import hydra
@@ -17,6 +16,7 @@ from rnnlm.cli import CONF_DIR, exit_on_user_error, pick_device
 from rnnlm.corpora import SPLITS, DataError, path_source
 from rnnlm.datamodule import Sentences, StreamChunks, TextDataModule, make_loader
 from rnnlm.prepare import encode_text
+from rnnlm.vocab import loss_in_units
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "seq_len": seq_len,
         "loss": loss,
     }
-    result["bpc" if vocab.level == "char" else "ppl"] = loss / math.log(2) if vocab.level == "char" else math.exp(loss)
+    unit, value = loss_in_units(loss, vocab.level)
+    result[unit] = value
     return result
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from rnnlm.backbone import State, detach_state
 from rnnlm.datamodule import IGNORE_INDEX
 from rnnlm.network import LanguageModel, sequence_loss
-from rnnlm.vocab import Vocab
+from rnnlm.vocab import Vocab, loss_in_units
 
 CHECKPOINT_KEY = "rnnlm"  # the plain-data part of a checkpoint that eval/generate read
 CHECKPOINT_FORMAT = 1
@@ -138,10 +138,8 @@ class RecurrentLM(L.LightningModule):
         # Lightning from warning about unsynchronised epoch metrics).
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/tokens", count, sync_dist=True)
-        if self.vocab.level == "char":
-            self.log(f"{stage}/bpc", loss / math.log(2), sync_dist=True)
-        else:
-            self.log(f"{stage}/ppl", math.exp(min(loss, 700.0)), sync_dist=True)
+        unit, value = loss_in_units(loss, self.vocab.level)
+        self.log(f"{stage}/{unit}", value, sync_dist=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:

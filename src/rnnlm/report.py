@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
 import yaml
+
+from rnnlm.vocab import loss_in_units
 
 SKIPPED_OVERRIDES = ("hydra.", "paths.")  # where things go, not what was compared
 
@@ -72,21 +73,16 @@ def job_row(job: Path, swept: list[str]) -> dict:
         "data", {}).get("level")
     val = [v for _, v in logged.get("val/loss", [])]
     best = min(val) if val else None
+    unit = loss_in_units(0.0, level)[0]
     row["best val/loss"] = best
-    row["best val/ppl" if level != "char" else "best val/bpc"] = _scale(best, level)
+    row[f"best val/{unit}"] = None if best is None else loss_in_units(best, level)[1]
     test = metrics.get("test/loss")
     row["test/loss"] = test
-    row["test/ppl" if level != "char" else "test/bpc"] = _scale(test, level)
+    row[f"test/{unit}"] = None if test is None else loss_in_units(test, level)[1]
     row["tokens/s"] = summary.get("tokens_per_s")
     row["wall s"] = summary.get("wall_s")
     row["error"] = summary.get("error", "")
     return row
-
-
-def _scale(loss: float | None, level: str | None) -> float | None:
-    if loss is None:
-        return None
-    return loss / math.log(2) if level == "char" else math.exp(min(loss, 700.0))
 
 
 def _cell(column: str, value) -> str:
