@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from rnnlm.checkpoint import AtomicCheckpointIO, CheckpointError
+from rnnlm.callbacks import AtomicCheckpointIO
+from rnnlm.checkpoint import CheckpointError, NonFiniteError
 from rnnlm.corpora import DataError
-from rnnlm.module import NonFiniteError, RecurrentLM
+from rnnlm.module import RecurrentLM
 from rnnlm.train import train
 from test_inference import Payload
 from test_train import scalars
@@ -113,13 +114,22 @@ def test_resume_refuses_a_checkpoint_with_pickled_code(make_cfg, tiny_corpus, tm
 def test_resume_with_other_model_or_data_is_refused(make_cfg, tiny_corpus, tmp_path):
     train(make_cfg(f"data.path={tiny_corpus}", "test=false", run_dir=tmp_path / "a"))
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    with pytest.raises(CheckpointError, match=r"model.hidden_size=32 \(config: 48\)"):
+    with pytest.raises(CheckpointError, match=r"model.hidden_size=48 \(trained with 32\)"):
         train(make_cfg(f"data.path={tiny_corpus}", "model.hidden_size=48", f"ckpt_path={last}", run_dir=tmp_path / "b"))
+    with pytest.raises(CheckpointError, match=r"data.batch_size=8 \(trained with 4\), data.seq_len=9 \(trained"):
+        train(make_cfg(f"data.path={tiny_corpus}", "data.batch_size=8", "data.seq_len=9", f"ckpt_path={last}",
+                       run_dir=tmp_path / "b"))
+    with pytest.raises(CheckpointError, match=r"optimizer._target_=torch.optim.SGD \(trained with torch.optim.AdamW"):
+        train(make_cfg(f"data.path={tiny_corpus}", "optimizer=sgd", f"ckpt_path={last}", run_dir=tmp_path / "b"))
+    with pytest.raises(CheckpointError, match="data.corpus=alice"):
+        train(make_cfg("data.corpus=alice", "data.path=null", f"ckpt_path={last}", run_dir=tmp_path / "c"))
+    tiny_corpus.write_text("an other text entirely\n" * 200)  # the same file, changed since
     with pytest.raises(CheckpointError, match="different vocabulary"):
-        train(make_cfg("data.corpus=alice", f"ckpt_path={last}", run_dir=tmp_path / "c"))
+        train(make_cfg(f"data.path={tiny_corpus}", f"ckpt_path={last}", run_dir=tmp_path / "c"))
     (tmp_path / "cut.ckpt").write_bytes(last.read_bytes()[:4000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         train(make_cfg(f"data.path={tiny_corpus}", f"ckpt_path={tmp_path / 'cut.ckpt'}", run_dir=tmp_path / "d"))
+    assert not (tmp_path / "b" / "checkpoints").exists()  # refused before any work
 
 
 def test_ckpt_path_last_picks_the_newest_run(make_cfg, tiny_corpus, tmp_path):

@@ -1,18 +1,233 @@
-"""Training callbacks: throughput, text samples after validation, hyperparameters with the best metric."""
+"""Training callbacks: checkpoints that survive interruptions, throughput, a progress line per validation,
+text samples, the run's config and hyperparameters in every checkpoint and logger."""
 
 from __future__ import annotations
 
+import datetime
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
+from rnnlm.checkpoint import CONFIG_KEY, write_checkpoint
 from rnnlm.datamodule import IGNORE_INDEX
 from rnnlm.sampling import generate
 from rnnlm.vocab import loss_in_units
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, through :func:`rnnlm.checkpoint.write_checkpoint` (atomic, finite only)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        write_checkpoint(checkpoint, path)
+
+
+class TrainingInterrupted(BaseException):  # noqa: N818 - not an Exception: a sweep must stop too, as on Ctrl-C
+    """SIGINT or SIGTERM stopped training after ``last.ckpt`` was written; the message says how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class RunCheckpoints(ModelCheckpoint):
+    """``best.ckpt`` on the monitored metric, as :class:`ModelCheckpoint` writes it, and a ``last.ckpt``
+    that never waits for a validation.
+
+    ``last.ckpt`` is written after every validation, every ``every_n_train_steps`` optimizer steps, every
+    ``every_n_minutes`` of training, at the end, and when the process is asked to stop: on SIGINT
+    (Ctrl-C) or SIGTERM (``kill``, SLURM) the current step finishes, ``last.ckpt`` is written and
+    :class:`TrainingInterrupted` ends the run; a second Ctrl-C stops at once. All of these saves are
+    taken between steps, so a run resumed from any of them continues exactly.
+
+    A run resumed into a new folder takes a copy of the old run's ``best.ckpt`` and its score, so its
+    first validation does not overwrite a better model and testing uses the true best.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "best", monitor: str | None = "val/loss", mode: str = "min",
+                 save_top_k: int = 1, save_last: bool = True, every_n_train_steps: int | None = None,
+                 every_n_minutes: float | None = 10.0, save_on_signal: bool = True, **kwargs):
+        # Lightning's own step/time triggers wait for the monitored metric and its save_last skips
+        # validations that did not improve it: last.ckpt is written here instead.
+        super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, save_top_k=save_top_k,
+                         save_last=False, enable_version_counter=False, **kwargs)
+        self.write_last = save_last
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_seconds = every_n_minutes * 60 if every_n_minutes else None
+        self.save_on_signal = save_on_signal
+        self.stop_signal: int | None = None
+        self._saved_at = time.monotonic()
+        self._last_step_saved = -1
+        self._in_validation_end = False
+        self._replaced_handlers: dict[int, object] = {}
+
+    @property
+    def last_path(self) -> Path:
+        return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+    def _save_last(self, trainer: L.Trainer) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if not self.write_last or not fitting or trainer.fast_dev_run:
+            return
+        trainer.save_checkpoint(self.last_path)  # every process takes part; the first one writes
+        self._saved_at, self._last_step_saved = time.monotonic(), trainer.global_step
+
+    # ---------------------------------------------------------------- stopping on a signal
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        self.stop_signal = signum
+        if rank_zero_only.rank == 0:
+            log.warning("%s received: finishing this step, then saving %s and stopping (Ctrl-C again stops at "
+                        "once, without saving)", signal.Signals(signum).name, self.last_path)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._replaced_handlers.items():
+            signal.signal(signum, handler)
+        self._replaced_handlers = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._saved_at = time.monotonic()
+        self.stop_signal = None
+        # Installed after Lightning's own SIGTERM handler, which would stop in the middle of a validation.
+        if self.save_on_signal and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._replaced_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+        if self._last_step_saved != trainer.global_step:
+            self._save_last(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handlers()
+        super().on_exception(trainer, pl_module, exception)
+
+    # ---------------------------------------------------------------- when to save
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        by_steps = bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0
+        by_time = self.every_n_seconds is not None and time.monotonic() - self._saved_at >= self.every_n_seconds
+        stop = self.stop_signal is not None
+        if trainer.world_size > 1:  # clocks and signals differ between processes: any one decides for all
+            flags = torch.tensor([by_time, stop], dtype=torch.float32, device=pl_module.device)
+            by_time, stop = (trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
+        if by_steps or by_time or stop:
+            self._save_last(trainer)
+        if stop:
+            name = signal.Signals(self.stop_signal or signal.SIGTERM).name
+            raise TrainingInterrupted(
+                self.stop_signal or signal.SIGTERM,
+                f"{name}: training stopped at step {step} and saved {self.last_path}; "
+                f"resume with ckpt_path={self.last_path}",
+            )
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._in_validation_end = True
+        try:
+            super().on_validation_end(trainer, pl_module)  # best.ckpt first: last.ckpt records its score
+            self._save_last(trainer)
+        finally:
+            self._in_validation_end = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Lightning counts a step for its loggers after the validation that runs inside it, and a run
+        # resumed from a checkpoint taken during that validation does not count it again: count it here,
+        # so the resumed run logs at the right steps.
+        if self._in_validation_end:
+            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] += 1
+
+    # ---------------------------------------------------------------- resuming into a new folder
+    def load_state_dict(self, state_dict: dict) -> None:
+        old_dir, best = state_dict.get("dirpath"), state_dict.get("best_model_path")
+        if old_dir and self.dirpath and Path(old_dir).resolve() != Path(self.dirpath).resolve():
+            score = state_dict.get("best_k_models", {}).get(best, state_dict.get("best_model_score"))
+            state_dict = dict(state_dict, dirpath=self.dirpath, last_model_path="", best_k_models={},
+                              kth_best_model_path="", best_model_path="", best_model_score=None)
+            if best and Path(best).is_file():
+                kept = Path(self.dirpath) / Path(best).name
+                if rank_zero_only.rank == 0:
+                    _copy_atomically(Path(best), kept)
+                state_dict.update(best_model_path=str(kept), kth_best_model_path=str(kept),
+                                  best_k_models={str(kept): score}, best_model_score=score, kth_value=score)
+            elif best:
+                log.warning("the resumed run's best checkpoint %s is gone: its first validation starts anew", best)
+        super().load_state_dict(state_dict)
+
+
+def _copy_atomically(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.copy")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
+
+
+class SaveRunConfig(L.Callback):
+    """Puts the run's config (as composed, interpolations unresolved) in every checkpoint, so
+    ``ckpt_path=...`` alone resumes a run with the settings it was trained with."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+class ProgressLog(L.Callback):
+    """One line in the log after each validation: step, validation metrics, training speed since the last
+    line, elapsed time and the time left, so a run whose output goes to a file (``train.log``) shows its
+    progress. The speed counts ``train/tokens_seen`` (from :class:`TokensPerSecond`) over training time only."""
+
+    def __init__(self):
+        self._started = self._training_since = time.monotonic()
+        self._first_step, self._training_s, self._seen = 0, 0.0, 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._started = self._training_since = time.monotonic()
+        self._first_step = trainer.global_step
+        self._seen = float(trainer.callback_metrics.get("train/tokens_seen", 0.0))
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._training_s += time.monotonic() - self._training_since
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._training_since = time.monotonic()
+        if trainer.sanity_checking:
+            return
+        metrics, step, total = trainer.callback_metrics, trainer.global_step, trainer.estimated_stepping_batches
+        parts = [f"step {step:,}" + (f"/{total:,}" if math.isfinite(total) else ""), f"epoch {trainer.current_epoch}"]
+        parts += [f"{k} {float(metrics[k]):.4f}" for k in ("val/loss", "val/ppl", "val/bpc") if k in metrics]
+        seen = float(metrics.get("train/tokens_seen", self._seen))
+        if seen > self._seen and self._training_s > 0:
+            parts.append(f"{(seen - self._seen) / self._training_s:,.0f} tok/s")
+        self._seen, self._training_s = seen, 0.0
+        elapsed = time.monotonic() - self._started
+        parts.append(f"elapsed {_duration(elapsed)}")
+        done = step - self._first_step
+        if math.isfinite(total) and done > 0 and total > step:
+            parts.append(f"ETA {_duration(elapsed / done * (total - step))}")
+        log.info(" | ".join(parts))
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 class TokensPerSecond(L.Callback):
@@ -106,7 +321,7 @@ class HparamsWithBest(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
-        best = pl_module.best_val_loss.item()
+        best = pl_module.best_val_loss
         if not trainer.loggers or best == float("inf"):
             return
         unit, value = loss_in_units(best, pl_module.vocab.level)

@@ -1,90 +1,165 @@
-"""Read a training checkpoint back into a ready :class:`LanguageModel` and its vocabulary."""
+"""The checkpoint file: written atomically while training, read back into a ready :class:`LanguageModel`.
+
+This module imports neither Lightning nor the training code, so the inference commands start fast.
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from rnnlm.module import CHECKPOINT_KEY, NonFiniteError, RecurrentLM
 from rnnlm.network import LanguageModel
 from rnnlm.vocab import Vocab
+
+if TYPE_CHECKING:
+    from rnnlm.module import RecurrentLM
+
+CHECKPOINT_KEY = "rnnlm"  # the plain-data part of a checkpoint that eval/generate read
+CHECKPOINT_FORMAT = 1
+CONFIG_KEY = "rnnlm_config"  # the training run's config, so `ckpt_path=...` alone resumes it
+_ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"  # torch.save's zip format; its legacy pickle format
 
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, damaged, unsafe, or not one of ours; the message says which."""
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside it, syncs it to disk, then renames it over the
+class NonFiniteError(Exception):
+    """Training produced NaN or infinite values; the message names the step and what was kept."""
+
+
+def write_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    """Write ``checkpoint`` to a temporary file beside ``path``, sync it to disk, then rename it over the
     old one: a process killed at any moment leaves the previous checkpoint whole. A checkpoint whose
-    weights are not finite is refused, so a diverged run never overwrites its last good checkpoint."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
-               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise NonFiniteError(
-                f"the weights became NaN or infinite by step {checkpoint.get('global_step')} ({', '.join(bad[:3])}): "
-                f"{path.name} was not overwritten; lower optimizer.lr or set trainer.gradient_clip_val"
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-@dataclass
-class LoadedModel:
-    module: RecurrentLM  # in eval mode, on map_location
-    vocab: Vocab
-    info: dict  # the checkpoint's plain-data section, plus global_step
-    data: dict  # the training data settings (TextDataModule arguments), {} if unknown
-
-    @property
-    def net(self) -> LanguageModel:
-        return self.module.net
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Load ``path`` without unpickling arbitrary objects (``weights_only=True``).
+    weights are not finite is refused, so a diverged run never overwrites its last good checkpoint.
 
     Raises:
-        CheckpointError: the file does not exist, is truncated or corrupt, needs pickled code to load,
-            or was not written by rnnlm.
+        NonFiniteError: a floating-point weight holds NaN or infinity.
+    """
+    path = Path(path)
+    bad = [k for k, v in checkpoint.get("state_dict", {}).items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteError(
+            f"the weights became NaN or infinite by step {checkpoint.get('global_step')} ({', '.join(bad[:3])}): "
+            f"{path.name} was not overwritten; lower optimizer.lr or set trainer.gradient_clip_val"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(checkpoint, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """The whole checkpoint as plain data, read without unpickling arbitrary objects (``weights_only=True``);
+    ``mmap``: leave the tensors on disk until used (to read the plain-data sections of a large file).
+
+    Raises:
+        CheckpointError: the file does not exist, is not a checkpoint, is truncated or corrupt, needs
+            pickled code to load, or was not written by rnnlm.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: give ckpt_path=RUN/checkpoints/last.ckpt")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        raise CheckpointError(f"{path} is not a checkpoint file (torch.save writes them): "
+                              "give ckpt_path=RUN/checkpoints/last.ckpt or best.ckpt")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"refusing to load {path}: it needs arbitrary pickled objects to load, which could run code; "
             "rnnlm checkpoints hold only tensors and plain data"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from None
     if not isinstance(data, dict) or CHECKPOINT_KEY not in data:
         raise CheckpointError(f"{path} is not an rnnlm checkpoint (no '{CHECKPOINT_KEY}' section)")
+    return data
+
+
+def describe(path: Path, data: dict) -> str:
+    """``PATH (step N, saved 2026-11-27 23:50)``: which checkpoint a command is using."""
+    saved = datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{path} (step {data.get('global_step')}, saved {saved})"
+
+
+def last_checkpoints(log_dir: str | Path, task_name: str = "train") -> list[Path]:
+    """Every ``last.ckpt`` of the runs and sweep jobs under ``<log_dir>/<task_name>``, newest first."""
+    found = (Path(log_dir) / task_name).glob("*runs/**/checkpoints/last.ckpt")
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def resolve_checkpoint(ckpt_path: str | Path | None, log_dir: str | Path) -> Path:
+    """The checkpoint a command should read: ``last`` is the newest training run's ``last.ckpt``.
+
+    Raises:
+        CheckpointError: no path was given, it does not exist, or ``last`` finds no run.
+    """
+    if not ckpt_path:
+        raise CheckpointError("ckpt_path is required: ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt "
+                              "(or ckpt_path=last for the newest run's)")
+    if str(ckpt_path) == "last":
+        found = last_checkpoints(log_dir)
+        if not found:
+            raise CheckpointError(f"ckpt_path=last found no run with checkpoints/last.ckpt under {Path(log_dir)}/train")
+        return found[0]
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={ckpt_path} does not exist: give RUN/checkpoints/last.ckpt or last")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    net: LanguageModel  # in eval mode, on map_location
+    vocab: Vocab
+    info: dict  # the checkpoint's plain-data section, plus global_step and world_size
+    data: dict  # the training data settings (TextDataModule arguments), {} if unknown
+    state_dict: dict  # the training module's state (the network under "net." and its buffers)
+
+    @property
+    def module(self) -> RecurrentLM:
+        """The training module around the network, for evaluating with a Lightning Trainer."""
+        from rnnlm.module import RecurrentLM  # imports Lightning: only evaluation needs it
+
+        network = {k: v for k, v in self.info["network"].items() if k != "vocab_size"}
+        module = RecurrentLM(self.vocab, carry_state=self.info["carry_state"], **network)
+        module.load_state_dict(self.state_dict)
+        return module.eval()
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """The network and vocabulary of checkpoint ``path``, rebuilt from the file alone.
+
+    Raises:
+        CheckpointError: see :func:`read_checkpoint`.
+    """
+    data = read_checkpoint(path, map_location)
     info = dict(data[CHECKPOINT_KEY])
     info["global_step"] = data.get("global_step")
+    info.setdefault("world_size", 1)
     vocab = Vocab.from_dict(info["vocab"])
     network = {k: v for k, v in info["network"].items() if k != "vocab_size"}
-    module = RecurrentLM(vocab, carry_state=info["carry_state"], **network)
-    module.load_state_dict(data["state_dict"])
-    module.eval()
-    return LoadedModel(module=module, vocab=vocab, info=info, data=dict(data.get("datamodule_hyper_parameters") or {}))
+    net = LanguageModel(len(vocab), **network)
+    prefix = "net."
+    net.load_state_dict({k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)})
+    net.to(map_location).eval()
+    return LoadedModel(net=net, vocab=vocab, info=info, data=dict(data.get("datamodule_hyper_parameters") or {}),
+                       state_dict=data["state_dict"])

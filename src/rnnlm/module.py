@@ -10,17 +10,12 @@ import torch
 from torch import Tensor
 
 from rnnlm.backbone import State, detach_state
+from rnnlm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, NonFiniteError
 from rnnlm.datamodule import IGNORE_INDEX
 from rnnlm.network import LanguageModel, sequence_loss
 from rnnlm.vocab import Vocab, loss_in_units
 
-CHECKPOINT_KEY = "rnnlm"  # the plain-data part of a checkpoint that eval/generate read
-CHECKPOINT_FORMAT = 1
 RESUME_KEY = "rnnlm_resume"  # what only a resumed training run reads
-
-
-class NonFiniteError(Exception):
-    """Training produced NaN or infinite values; the message names the step and what was kept."""
 
 
 class RecurrentLM(L.LightningModule):
@@ -72,18 +67,20 @@ class RecurrentLM(L.LightningModule):
         self.carry_state = carry_state
         self._state: dict[str, State | None] = {"train": None, "val": None, "test": None}
         self._eval_sums = torch.zeros(2, dtype=torch.float64)  # summed loss (nats), scored tokens
-        # Kept in the state dict so a resumed run remembers its best validation loss.
-        self.register_buffer("best_val_loss", torch.tensor(math.inf, dtype=torch.float64))
+        self.best_val_loss = math.inf  # saved with the resume state, so a resumed run remembers it
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         return self.net(tokens, state)
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         inputs, targets = batch  # (B, T) each; targets[:, t] is the token after inputs[:, t]
-        if self.net.bidirectional:  # every token of the window, each predicted from both sides of it
+        if self.net.bidirectional:  # each target predicted from both sides of it
+            # Row b of the window is inputs[b, 0] then the targets: T+1 tokens, so the targets' right
+            # neighbours are in view. Window position 0 was the previous chunk's last target (or a row's
+            # first token, never a target): scoring only positions 1..T counts every token once.
             window = torch.cat([inputs[:, :1], targets], 1)  # (B, T+1)
             logits, _ = self.net(window)
-            return sequence_loss(logits, window, IGNORE_INDEX)
+            return sequence_loss(logits[:, 1:], targets, IGNORE_INDEX)
         state = self._state[stage] if self.carry_state else None
         if state is not None and _batch_rows(state) != inputs.size(0):
             state = None
@@ -150,9 +147,14 @@ class RecurrentLM(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self._eval_end("val")
-        if not self.trainer.sanity_checking and loss < self.best_val_loss.item():
-            self.best_val_loss.fill_(loss)
-        self.log("val/loss_best", self.best_val_loss.item(), sync_dist=True)
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"the validation loss is {loss} at step {self.trainer.global_step}: training stopped and the last "
+                "good checkpoint was kept; lower optimizer.lr or set trainer.gradient_clip_val"
+            )
+        if not self.trainer.sanity_checking and loss < self.best_val_loss:
+            self.best_val_loss = loss
+        self.log("val/loss_best", self.best_val_loss, sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self._eval_start("test")
@@ -183,25 +185,39 @@ class RecurrentLM(L.LightningModule):
             "network": dict(self.net.config),
             "vocab": self.vocab.to_dict(),
             "carry_state": self.carry_state,
+            "world_size": self.trainer.world_size,  # stream columns were eval_batch_size x this
         }
         # What a resumed run needs to continue exactly as if it had not stopped: the hidden state carried
-        # into the next chunk and the random streams that draw the next dropout masks.
+        # into the next chunk (every process's own, gathered: each reads its own columns) and the random
+        # streams that draw the next dropout masks. Every process runs this hook, so the gather is collective.
         checkpoint[RESUME_KEY] = {
-            "train_state": self._state["train"],
+            "train_state_by_rank": _map_state(self._state["train"], self._gather),
+            "best_val_loss": self.best_val_loss,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+
+    def _gather(self, tensor: Tensor) -> Tensor:
+        """(world_size, ...) from every process's ``tensor``."""
+        return self.all_gather(tensor) if self.trainer.world_size > 1 else tensor.unsqueeze(0)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         resume = checkpoint.get(RESUME_KEY)
         if resume is None:
             return
-        state = resume["train_state"]
-        self._state["train"] = None if state is None else detach_state(
-            tuple(s.to(self.device) for s in state) if isinstance(state, (tuple, list)) else state.to(self.device))
+        self.best_val_loss = resume["best_val_loss"]
+        by_rank = resume["train_state_by_rank"]
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self._state["train"] = _map_state(by_rank, lambda s: s[rank].to(self.device))
         torch.set_rng_state(resume["torch_rng"])
         if resume["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
+
+
+def _map_state(state: State | None, fn) -> State | None:
+    if state is None:
+        return None
+    return tuple(fn(s) for s in state) if isinstance(state, (tuple, list)) else fn(state)
 
 
 def _batch_rows(state: State) -> int:

@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -18,17 +19,25 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rnnlm.callbacks import HparamsWithBest, TokensPerSecond
-from rnnlm.checkpoint import AtomicCheckpointIO, CheckpointError, LoadedModel, load_checkpoint
+from rnnlm.callbacks import (
+    AtomicCheckpointIO,
+    HparamsWithBest,
+    RunCheckpoints,
+    SaveRunConfig,
+    TokensPerSecond,
+    TrainingInterrupted,
+)
+from rnnlm.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
 from rnnlm.checks import check_train_config
 from rnnlm.cli import CONF_DIR, exit_on_user_error
+from rnnlm.resume import resume_config
+from rnnlm.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "run_summary.json"
-
 
 
 def keep_freed_memory() -> bool:
@@ -46,35 +55,6 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def resolve_resume(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from: ``ckpt_path=last`` is the newest ``last.ckpt`` among this task's runs."""
-    if cfg.ckpt_path is None:
-        return None
-    if cfg.ckpt_path == "last":
-        runs = Path(cfg.paths.log_dir) / cfg.task_name
-        found = [p for p in runs.glob("*runs/**/checkpoints/last.ckpt")
-                 if Path(cfg.paths.output_dir).resolve() not in p.resolve().parents]
-        if not found:
-            raise CheckpointError(f"ckpt_path=last found no run with checkpoints/last.ckpt under {runs}")
-        return str(max(found, key=lambda p: p.stat().st_mtime))
-    if not Path(cfg.ckpt_path).is_file():
-        raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist: give RUN/checkpoints/last.ckpt or last")
-    return str(cfg.ckpt_path)
-
-
-def check_resume_matches(resumed: LoadedModel, model, ckpt_path: str) -> None:
-    """A resumed run must build the same network on the same vocabulary as the checkpoint."""
-    if resumed.vocab.tokens != model.vocab.tokens:
-        raise CheckpointError(
-            f"{ckpt_path} was trained on a different vocabulary ({len(resumed.vocab)} tokens, this data gives "
-            f"{len(model.vocab)}): resume with the data settings of that run"
-        )
-    differ = {k: (v, model.net.config[k]) for k, v in resumed.info["network"].items() if model.net.config.get(k) != v}
-    if differ:
-        shown = ", ".join(f"model.{k}={old} (config: {new})" for k, (old, new) in differ.items())
-        raise CheckpointError(f"{ckpt_path} was trained with {shown}: resume with the same model settings")
-
-
 def run_hparams(cfg: DictConfig) -> dict:
     """The settings worth comparing runs by, flattened for the loggers."""
     full = OmegaConf.to_container(cfg, resolve=True)
@@ -86,19 +66,23 @@ def run_hparams(cfg: DictConfig) -> dict:
     return plain
 
 
-def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> dict[str, float]:
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = (),
+          overrides: list[str] | None = None) -> dict[str, float]:
     """Fit (and optionally test) the model the config describes; return the final metrics.
 
-    Whatever happens, the run folder gets ``run_summary.json``: status (``ok`` or ``failed`` with the
-    error), parameter count, final metrics, tokens/s and wall time, which ``rnnlm-report`` reads.
-    ``extra_callbacks`` join the configured ones (for programs that drive training, e.g. benchmarks).
+    Whatever happens, the run folder gets ``run_summary.json``: status (``ok``, ``interrupted`` or
+    ``failed`` with the error), parameter count, final metrics, tokens/s and wall time, which
+    ``rnnlm-report`` reads. ``extra_callbacks`` join the configured ones (for programs that drive
+    training, e.g. benchmarks). With ``cfg.ckpt_path``, ``overrides`` are the settings asked for on the
+    command line (see :func:`rnnlm.resume.resume_config`).
     """
     started = time.time()
     summary: dict = {"status": "running"}
     try:
-        metrics = _fit(cfg, list(extra_callbacks), summary)
+        metrics = _fit(cfg, list(extra_callbacks), summary, overrides)
     except BaseException as err:
-        summary.update(status="failed", error=f"{type(err).__name__}: {err}".splitlines()[0][:500])
+        status = "interrupted" if isinstance(err, (TrainingInterrupted, KeyboardInterrupt)) else "failed"
+        summary.update(status=status, error=f"{type(err).__name__}: {err}".splitlines()[0][:500])
         raise
     else:
         summary.update(status="ok", metrics=metrics)
@@ -116,10 +100,21 @@ def write_json_atomically(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict) -> dict[str, float]:
+def check_same_vocabulary(ckpt_path: str, vocab: Vocab) -> None:
+    """The data of a resumed run must give the vocabulary it was trained on (its files may have changed)."""
+    trained = Vocab.from_dict(read_checkpoint(ckpt_path, mmap=True)[CHECKPOINT_KEY]["vocab"])
+    if trained.tokens != vocab.tokens:
+        raise CheckpointError(
+            f"{ckpt_path} was trained on a different vocabulary ({len(trained)} tokens, this data gives "
+            f"{len(vocab)}): resume with the data of that run"
+        )
+
+
+def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
+         overrides: list[str] | None) -> dict[str, float]:
     check_train_config(cfg)
-    ckpt_path = resolve_resume(cfg)
-    resumed = load_checkpoint(ckpt_path) if ckpt_path else None  # a bad checkpoint fails here, not mid-setup
+    if cfg.ckpt_path:
+        cfg = resume_config(cfg, overrides)
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.keep_freed_memory and keep_freed_memory():
@@ -128,6 +123,8 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict) -> d
     # _convert_="all": plain lists and dicts, which checkpoints can hold and weights_only loading accepts.
     datamodule = instantiate(cfg.data, _convert_="all")
     vocab = datamodule.vocab  # tokenizes and caches on the first run
+    if cfg.ckpt_path:
+        check_same_vocabulary(cfg.ckpt_path, vocab)
     # Built through a partial: Hydra would turn a dataclass argument (the vocabulary) into a config.
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(
         vocab=vocab,
@@ -135,8 +132,6 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict) -> d
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,  # `scheduler=null` drops it
     )
-    if resumed is not None:
-        check_resume_matches(resumed, model, ckpt_path)
     splits = datamodule.load().splits
     log.info(
         "%s | %s level, %s mode | vocab %d | tokens train %d valid %d test %d | %s %d params",
@@ -146,10 +141,14 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict) -> d
     summary.update(params=model.net.num_parameters(), level=vocab.level, vocab_size=len(vocab))
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [HparamsWithBest(run_hparams(cfg))]
-    callbacks += list(extra_callbacks)
+    callbacks += [SaveRunConfig(OmegaConf.to_container(_without_hydra(cfg), resolve=False)), *extra_callbacks]
     loggers = [instantiate(lg) for lg in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    run_checkpoints = next((c for c in callbacks if isinstance(c, RunCheckpoints)), None)
+    if run_checkpoints is not None and run_checkpoints.stop_signal is not None:  # it came during the last validation
+        raise TrainingInterrupted(run_checkpoints.stop_signal, f"training ended at step {trainer.global_step} and "
+                                  f"saved {run_checkpoints.last_path}; the test was skipped")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     speed = [c for c in callbacks if isinstance(c, TokensPerSecond) and c.rates]
     summary["tokens_per_s"] = round(statistics.median(speed[0].rates), 1) if speed else None
@@ -163,20 +162,32 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict) -> d
     return metrics
 
 
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
 @exit_on_user_error
-def _single_run(cfg: DictConfig) -> float | None:
-    return train(cfg).get(cfg.optimized_metric)
+def _run(cfg: DictConfig) -> float | None:
+    overrides = list(HydraConfig.get().overrides.task)
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return train(cfg, overrides=overrides).get(cfg.optimized_metric)
+    try:  # in a sweep one failing job (a crash, a NaN, a bad combination) must not stop the others
+        return train(cfg, overrides=overrides).get(cfg.optimized_metric)
+    except Exception as err:  # recorded in the job's run_summary.json
+        log.error("Job failed: %s: %s", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return float("nan")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    if HydraConfig.get().mode != RunMode.MULTIRUN:
-        return _single_run(cfg)
-    try:  # in a sweep one failing job (a crash, a NaN, a bad combination) must not stop the others
-        return train(cfg).get(cfg.optimized_metric)
-    except Exception as err:  # recorded in the job's run_summary.json
-        log.error("Job failed: %s: %s", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-        return float("nan")
+    try:
+        return _run(cfg)
+    except TrainingInterrupted as stop:  # a sweep stops too
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)  # as the shell reports a process ended by that signal
 
 
 def main() -> None:

@@ -1,0 +1,161 @@
+"""Resuming a run: which checkpoint ``ckpt_path`` names, and the config the resumed run trains with.
+
+A checkpoint carries the config its run was composed with, so ``ckpt_path=RUN/checkpoints/last.ckpt``
+alone continues that run. Settings typed next to it apply when they cannot change the run's maths
+(how long to train, how often to validate, where to write, the device, the learning rate); the rest are
+refused in one line, as they would make a different run or silently not apply.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from rnnlm.checkpoint import CONFIG_KEY, CheckpointError, describe, last_checkpoints, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+# What a resumed run may change. Everything else would make it a different run, or silently not apply
+# (the checkpoint restores the optimizer's state and the random streams).
+MAY_CHANGE = (
+    "ckpt_path", "paths", "callbacks", "logger", "test", "keep_freed_memory", "optimized_metric",
+    "data.data_dir", "data.cache_dir", "data.download", "data.num_workers", "optimizer.lr",
+    "trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "trainer.val_check_interval",
+    "trainer.check_val_every_n_epoch", "trainer.limit_train_batches", "trainer.limit_val_batches",
+    "trainer.limit_test_batches", "trainer.num_sanity_val_steps", "trainer.log_every_n_steps",
+    "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm", "trainer.accelerator", "trainer.precision",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir",
+    "trainer.detect_anomaly", "trainer.benchmark", "trainer.profiler",
+)
+PRESETS = ("experiment", "debug", "hparams_search")  # groups whose choice may set any key
+_ABSENT = object()
+
+
+def may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
+
+
+def typed_keys(overrides: list[str]) -> list[str]:
+    """The keys or groups that command-line overrides set (``model=gru`` -> ``model``,
+    ``+trainer.x=1`` -> ``trainer.x``, ``~callbacks.a`` -> ``callbacks.a``); Hydra's own are left out."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    return [k for k in keys if not k.startswith("hydra") and "/" not in k]
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """``{"model.hidden_size": 200, ...}`` of a plain (resolved) container."""
+    if isinstance(node, dict) and node:
+        out = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _settings(cfg: DictConfig) -> dict:
+    return _flat({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"})
+
+
+def _under(key: str, selectors: list[str] | None) -> bool:
+    if selectors is None:
+        return True
+    return any(s in PRESETS or key == s or key.startswith(s + ".") for s in selectors)
+
+
+def differences(cfg: DictConfig, trained: DictConfig, selectors: list[str] | None = None) -> dict:
+    """``{key: (value now, value trained with)}`` for the settings that differ, among ``selectors``
+    (keys or groups; None: all)."""
+    now, then = _settings(cfg), _settings(trained)
+    keys = sorted(k for k in now.keys() | then.keys() if _under(k, selectors))
+    return {k: (now.get(k, _ABSENT), then.get(k, _ABSENT)) for k in keys
+            if now.get(k, _ABSENT) != then.get(k, _ABSENT)}
+
+
+def _shown(value) -> str:
+    return "(absent)" if value is _ABSENT else str(value)
+
+
+def saved_config(path: Path, checkpoint: dict, cfg: DictConfig) -> DictConfig | None:
+    """The config the checkpoint's run was composed with, with this run's paths: from the checkpoint, or
+    (older checkpoints) its run folder's ``.hydra/config.yaml``; None if neither has it."""
+    if CONFIG_KEY in checkpoint:
+        saved = OmegaConf.create(checkpoint[CONFIG_KEY])
+    elif (path.parent.parent / ".hydra" / "config.yaml").is_file():
+        saved = OmegaConf.load(path.parent.parent / ".hydra" / "config.yaml")
+    else:
+        return None
+    saved.paths = cfg.paths  # this run's folders (and data/cache dirs on this machine)
+    saved.ckpt_path = cfg.ckpt_path
+    return saved
+
+
+def _refusal(path: Path, refused: dict) -> CheckpointError:
+    shown = ", ".join(f"{k}={_shown(now)} (trained with {_shown(then)})" for k, (now, then) in refused.items())
+    return CheckpointError(f"{path} resumes the run with the settings it was trained with, and these would change "
+                           f"it: {shown}; drop them to resume, or leave out ckpt_path to start a new run")
+
+
+def find_last(cfg: DictConfig, selectors: list[str] | None) -> Path:
+    """``ckpt_path=last``: the newest ``last.ckpt`` of a run trained with the settings asked for."""
+    runs = Path(cfg.paths.log_dir) / cfg.task_name
+    own = Path(cfg.paths.output_dir).resolve()
+    candidates = [p for p in last_checkpoints(cfg.paths.log_dir, cfg.task_name) if own not in p.resolve().parents]
+    if not candidates:
+        raise CheckpointError(f"ckpt_path=last found no run with checkpoints/last.ckpt under {runs}")
+    for path in candidates:
+        trained = saved_config(path, read_checkpoint(path, mmap=True), cfg)
+        if trained is None or not any(not may_change(k) for k in differences(cfg, trained, selectors)):
+            return path
+    shown = ", ".join(str(p) for p in candidates[:3]) + (", ..." if len(candidates) > 3 else "")
+    raise CheckpointError(f"ckpt_path=last found no run under {runs} trained with these settings: give the "
+                          f"checkpoint itself, ckpt_path=... (newest first: {shown})")
+
+
+def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
+    """The config a run given ``ckpt_path`` trains with.
+
+    Args:
+        cfg: the composed config.
+        overrides: the command line's overrides: the checkpoint's config applies, with these where they
+            may change. None: every setting of ``cfg`` was asked for (a program calling ``train``), so
+            ``cfg`` must agree with the checkpoint wherever a resumed run may not change.
+
+    Raises:
+        CheckpointError: no such checkpoint, or a setting that may not change on resume differs.
+    """
+    selectors = None if overrides is None else typed_keys(overrides)
+    if cfg.ckpt_path == "last":
+        path = find_last(cfg, selectors)
+    else:
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist: give RUN/checkpoints/last.ckpt or last")
+    checkpoint = read_checkpoint(path, mmap=True)  # a bad checkpoint fails here, before any work
+    log.info("Resuming %s", describe(path, checkpoint))
+    trained = saved_config(path, checkpoint, cfg)
+    result = cfg if trained is None or overrides is None else trained
+    if trained is not None:
+        diffs = differences(cfg, trained, selectors)
+        refused = {k: v for k, v in diffs.items() if not may_change(k)}
+        if refused:
+            raise _refusal(path, refused)
+        if overrides is not None:
+            for key in selectors:  # what was typed replaces what the run was trained with
+                changed = [k for k in diffs if _under(k, [key])]
+                for target in changed if key in PRESETS else [key] if changed else []:
+                    _assign(result, target, OmegaConf.select(cfg, target, default=_ABSENT))
+    result = result.copy()
+    result.ckpt_path = str(path)
+    OmegaConf.set_struct(result, True)
+    return result
+
+
+def _assign(cfg: DictConfig, key: str, value) -> None:
+    parent_key, _, name = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if value is _ABSENT:
+        parent.pop(name, None)
+    else:
+        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
