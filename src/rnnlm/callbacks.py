@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
-from rnnlm.checkpoint import CONFIG_KEY, write_checkpoint
+from rnnlm.checkpoint import CONFIG_KEY, NonFiniteError, write_checkpoint
 from rnnlm.datamodule import IGNORE_INDEX
 from rnnlm.sampling import generate
 from rnnlm.vocab import loss_in_units
@@ -301,7 +301,15 @@ class TextSamples(L.Callback):
         vocab = pl_module.vocab
         prompt = torch.tensor([self._prompt_ids], device=pl_module.device)
         generator = torch.Generator().manual_seed(self.seed)
-        new = generate(pl_module.net, prompt, self.num_tokens, self.temperature, generator=generator)
+        try:
+            new = generate(pl_module.net, prompt, self.num_tokens, self.temperature, generator=generator)
+        except RuntimeError as err:  # torch.multinomial's word for probabilities that are NaN or infinite
+            if "probability tensor contains" not in str(err):
+                raise
+            raise NonFiniteError(
+                f"the model's outputs overflow at step {trainer.global_step} (its weights grew too large): training "
+                "stopped and the last good checkpoint was kept; lower optimizer.lr or set trainer.gradient_clip_val"
+            ) from None
         text = vocab.decode(self._prompt_ids[1:] + new[0].tolist())
         step = trainer.global_step
         for logger in trainer.loggers:

@@ -68,6 +68,7 @@ class RecurrentLM(L.LightningModule):
         self._state: dict[str, State | None] = {"train": None, "val": None, "test": None}
         self._eval_sums = torch.zeros(2, dtype=torch.float64)  # summed loss (nats), scored tokens
         self.best_val_loss = math.inf  # saved with the resume state, so a resumed run remembers it
+        self._new_lr = False
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         return self.net(tokens, state)
@@ -193,9 +194,21 @@ class RecurrentLM(L.LightningModule):
         checkpoint[RESUME_KEY] = {
             "train_state_by_rank": _map_state(self._state["train"], self._gather),
             "best_val_loss": self.best_val_loss,
+            "configured_lr": self._configured_lr(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+
+    def _configured_lr(self) -> float | None:
+        return getattr(self.optimizer_factory, "keywords", {}).get("lr")
+
+    def on_train_start(self) -> None:
+        # The restored optimizer state holds the learning rate the run had reached; a resume that asks
+        # for another one (e.g. lower, after a divergence) gets it.
+        if self._new_lr and self._configured_lr() is not None:
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self._configured_lr()
 
     def _gather(self, tensor: Tensor) -> Tensor:
         """(world_size, ...) from every process's ``tensor``."""
@@ -206,6 +219,7 @@ class RecurrentLM(L.LightningModule):
         if resume is None:
             return
         self.best_val_loss = resume["best_val_loss"]
+        self._new_lr = resume.get("configured_lr") != self._configured_lr()  # the user changed optimizer.lr
         by_rank = resume["train_state_by_rank"]
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self._state["train"] = _map_state(by_rank, lambda s: s[rank].to(self.device))
