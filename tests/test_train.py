@@ -197,3 +197,11 @@ def test_compiled_scratch_cells_train(make_cfg, tiny_corpus):
     cfg = make_cfg("model=gru", "model.impl=scratch", "model.compile=true", f"data.path={tiny_corpus}",
                    "trainer.max_steps=3", "test=false")
     assert train(cfg)["val/loss"] > 0  # the first step compiles (tens of seconds), then it trains as usual
+
+
+def test_bidirectional_lm_scores_every_validation_token_once(make_cfg, tiny_corpus, tmp_path):
+    causal = train(make_cfg(f"data.path={tiny_corpus}", "trainer.max_steps=2", "test=false", run_dir=tmp_path / "a"))
+    both_sides = train(make_cfg(f"data.path={tiny_corpus}", "task=bilm", "model.bidirectional=true",
+                                "trainer.max_steps=2", "test=false", run_dir=tmp_path / "b"))
+    # Windows of T+1 tokens overlap by one: scoring the shared token in both counted it twice.
+    assert both_sides["val/tokens"] == causal["val/tokens"] > 0
