@@ -44,3 +44,29 @@ def test_ddp_on_two_cpu_processes_matches_single_process_evaluation(tmp_path, ti
             total, count = total + batch_total.item(), count + batch_count.item()
     assert logged == pytest.approx(total / count, rel=1e-5)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_ddp_run_resumed_ends_with_the_weights_of_one_that_never_stopped(tmp_path, tiny_corpus, cache_dir):
+    """Each process carries the hidden state of its own columns: the checkpoint holds every process's."""
+    common = [
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv", f"data.path={tiny_corpus}",
+        f"paths.cache_dir={cache_dir}", "model.hidden_size=32", "model.embedding_dim=16", "data.seq_len=8",
+        "data.batch_size=4", "data.eval_batch_size=3", "model.dropout=0.3", "test=false", "trainer.max_epochs=5",
+        "~callbacks.progress_bar",
+    ]
+
+    def run(folder: str, *extra: str) -> Path:
+        args = [*common, f"hydra.run.dir={tmp_path / folder}", *extra]
+        result = subprocess.run([sys.executable, str(REPO / "src" / "train.py"), *args], cwd=tmp_path,
+                                env=os.environ.copy(), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return tmp_path / folder / "checkpoints" / "last.ckpt"
+
+    straight = run("straight", "trainer.max_steps=12")
+    half = run("half", "trainer.max_steps=6")
+    resumed = run("resumed", f"ckpt_path={half}", "trainer.max_steps=12")
+    first, second = (torch.load(p, weights_only=True) for p in (straight, resumed))
+    assert second["global_step"] == 12
+    for name, weight in first["state_dict"].items():
+        torch.testing.assert_close(second["state_dict"][name], weight, rtol=0, atol=1e-6, msg=name)
