@@ -48,7 +48,7 @@ LONG_RUN = ["model.hidden_size=192", "model.embedding_dim=64", "model.dropout=0.
             "test=false", "logger=csv"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_signal_finishes_the_step_saves_last_and_exits(signum, tiny_corpus, tmp_path, cache_dir, shared_data):
     run = tmp_path / "run"
     args = [*TINY, *LONG_RUN, f"data.path={tiny_corpus}", f"paths.cache_dir={cache_dir}",
@@ -67,7 +67,7 @@ def test_a_signal_finishes_the_step_saves_last_and_exits(signum, tiny_corpus, tm
 
 
 @pytest.mark.slow  # about two minutes: a model big enough to be stopped mid-run, trained three times per signal
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_stopped_run_resumes_to_the_same_result(signum, make_cfg, tiny_corpus, tmp_path, cache_dir, shared_data):
     reference = train(make_cfg(*LONG_RUN, f"data.path={tiny_corpus}", run_dir=tmp_path / "straight"))
     stopped = tmp_path / "stopped"
