@@ -37,13 +37,15 @@ def test_lone_file_is_split_by_line_fractions(tmp_path):
     assert pairs[80] == ("valid", "line 80")
 
 
-def test_too_small_corpus_validates_on_train_with_a_note(tmp_path):
+def test_too_small_corpus_is_refused_not_scored_on_its_training_text(tmp_path):
     path = tmp_path / "t.txt"
-    path.write_text("just one line\n")
-    source = CorpusSource("t", {"all": [path]})
-    pairs = list(split_lines(source))
-    assert pairs == [("train", "just one line"), ("valid", "just one line"), ("test", "just one line")]
-    assert "too few to split" in source.notes[0]
+    path.write_text("just one line\n" * 10)
+    with pytest.raises(DataError, match=r"only 10 line\(s\), too few for data.split=\[0.9,0.05,0.05\] to give the "
+                                        r"valid split one: use a longer file"):
+        list(split_lines(CorpusSource("t", {"all": [path]})))
+    assert len(list(split_lines(CorpusSource("t", {"all": [path]}, split=(0.8, 0.1, 0.1))))) == 10
+    with pytest.raises(DataError, match=r"data.split=\[1,0,0\] gives the valid split no lines"):
+        list(split_lines(CorpusSource("t", {"all": [path]}, split=(1.0, 0.0, 0.0))))
 
 
 def test_folder_layouts(tmp_path):

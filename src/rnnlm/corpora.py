@@ -1,14 +1,19 @@
 """Where text comes from: named corpora (downloaded once, checked by SHA-256) and user files or folders.
 
 A corpus is resolved to a :class:`CorpusSource`: its files and how their lines are split into
-train/valid/test. Reading streams line by line, so a corpus never has to fit in memory.
+train/valid/test. Reading streams line by line, so a corpus never has to fit in memory. A file
+with Project Gutenberg's START and END lines, named corpus or not, is read without the header
+and footer around the book (:func:`gutenberg_body`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -106,6 +111,7 @@ class CorpusSource:
     split: tuple[float, float, float] = (0.9, 0.05, 0.05)
     tsv_column: str | None = None
     notes: list[str] = field(default_factory=list, compare=False)
+    checksums: dict[Path, str] = field(default_factory=dict, compare=False)  # published SHA-256 by file
 
     def identity(self) -> dict:
         """What the token cache depends on: each file's path, size and modification time."""
@@ -125,6 +131,21 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def verify_checksums(source: CorpusSource) -> None:
+    """Check each file of a named corpus against its published SHA-256 (callers do it before reading).
+
+    Raises:
+        DataError: a file differs, e.g. cut short by an interrupted copy.
+    """
+    for path, expected in source.checksums.items():
+        got = sha256_of(path)
+        if got != expected:
+            raise DataError(
+                f"{path} has SHA-256 {got}, expected {expected}: the file is truncated or changed; delete it so "
+                "the next run downloads it again, or put the original back"
+            )
 
 
 def download(remote: RemoteFile, dest: Path) -> None:
@@ -165,7 +186,8 @@ def named_source(name: str, data_dir: Path, allow_download: bool = True) -> Corp
                 raise DataError(f"{path} is missing: download {remote.url} there (SHA-256 {remote.sha256})")
             download(remote, path)
         files[split] = [path]
-    return CorpusSource(name=name, files=files, tsv_column=corpus.tsv_column)
+    checksums = {files[split][0]: remote.sha256 for split, remote in corpus.files.items()}
+    return CorpusSource(name=name, files=files, tsv_column=corpus.tsv_column, checksums=checksums)
 
 
 def path_source(path: Path) -> CorpusSource:
@@ -195,6 +217,48 @@ def path_source(path: Path) -> CorpusSource:
     return CorpusSource(name=name, files={"all": texts})
 
 
+_HEAD = 4096  # bytes looked at to tell what a file is
+_COMPRESSED = (  # leading bytes, format, the command that unpacks it to stdout
+    (b"\x1f\x8b", "gzip-compressed", "gzip -dc"),
+    (b"BZh", "bzip2-compressed", "bzip2 -dc"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "xz -dc"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "zstd -dc"),
+)
+_WIDE_BOMS = (  # UTF-32 first: its little-endian mark starts with UTF-16's
+    (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"),
+)
+
+
+def _converted(path: Path) -> Path:
+    """Where the advice in an error message puts the converted text."""
+    if path.suffix.lower() in (".gz", ".bz2", ".xz", ".zst"):
+        return path.with_suffix("")
+    return path.with_name(f"{path.stem}-utf8.txt")
+
+
+def _check_is_text(path: Path, head: bytes) -> None:
+    """Raise :class:`DataError` with the right conversion if ``head`` (a file's first bytes) shows a
+    compressed file, an archive, UTF-16/32 text or binary data: the latin1 advice fits none of them."""
+    for magic, kind, command in _COMPRESSED:
+        if head.startswith(magic) and (kind != "bzip2-compressed" or head[4:10] == b"1AY&SY"):
+            raise DataError(f"{path} is {kind}, not text: unpack it, e.g. `{command} {path} > {_converted(path)}`, "
+                            "and use that file")
+    if head.startswith(b"PK\x03\x04"):
+        raise DataError(f"{path} is a zip archive, not text: unpack it (`unzip {path}`) and use the text file "
+                        "or folder inside")
+    encoding = next((enc for bom, enc in _WIDE_BOMS if head.startswith(bom)), None)
+    nuls = head.count(0)
+    if encoding is None and nuls > len(head) // 4:  # wide text without a byte-order mark: ASCII in every other byte
+        encoding = "utf-32" if nuls > 0.6 * len(head) else "utf-16"  # ASCII: 3 of 4 bytes or 1 of 2
+        order = "le" if head[1::2].count(0) > head[::2].count(0) else "be"
+        encoding += order
+    if encoding:
+        raise DataError(f"{path} is {encoding.upper()} text, not UTF-8: convert it, e.g. "
+                        f"`iconv -f {encoding} -t utf-8 {path} > {_converted(path)}`, and use that file")
+    if nuls:
+        raise DataError(f"{path} holds NUL bytes, so it is not text (a binary file?): give a UTF-8 text file")
+
+
 def read_lines(path: Path, tsv_column: str | None = None) -> Iterator[str]:
     """Lines of a UTF-8 file without their line ends, streamed.
 
@@ -202,18 +266,22 @@ def read_lines(path: Path, tsv_column: str | None = None) -> Iterator[str]:
     TSV with a header row and only that column is returned.
 
     Raises:
-        DataError: the file is not UTF-8; the message gives the byte offset.
+        DataError: the file is not UTF-8 text; the message gives the byte offset, or names what the file
+            is (UTF-16, gzip ...) and how to convert it.
     """
     column = None
     offset = 0
     with open(path, "rb") as fh:
+        _check_is_text(path, fh.read(_HEAD))
+        fh.seek(0)
         for number, raw in enumerate(fh):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise DataError(
                     f"{path} is not UTF-8 text: invalid byte 0x{raw[err.start]:02x} at byte offset "
-                    f"{offset + err.start} (line {number + 1}). Convert it, e.g. `iconv -f latin1 -t utf-8`."
+                    f"{offset + err.start} (line {number + 1}). Convert it, e.g. "
+                    f"`iconv -f latin1 -t utf-8 {path} > {_converted(path)}`."
                 ) from None
             offset += len(raw)
             if number == 0:
@@ -228,6 +296,58 @@ def read_lines(path: Path, tsv_column: str | None = None) -> Iterator[str]:
                     continue
                 line = fields[column] if column < len(fields) else ""
             yield line
+
+
+_GUTENBERG = re.compile(rb"\s*\*\*\*\s*(START|END) OF (THE|THIS) PROJECT GUTENBERG", re.IGNORECASE)
+_GUTENBERG_HEADER = 1000  # lines searched for the START line; a Gutenberg header is a few dozen to a few hundred
+
+
+def gutenberg_body(path: Path) -> tuple[int, int] | None:
+    """Lines ``[first, end)`` of the book in a Project Gutenberg file, or None for any other file.
+
+    The book follows the ``*** START OF THE PROJECT GUTENBERG EBOOK ...`` line (the older ``START OF
+    THIS PROJECT GUTENBERG`` too, any case) and ends before the ``*** END OF ...`` line; what is
+    outside is licence and catalogue text that would otherwise land in the valid and test splits.
+    """
+    stat = path.stat()
+    return _gutenberg_body(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)  # each pass over a corpus asks again; size and mtime key a changed file out
+def _gutenberg_body(path: str, size: int, mtime_ns: int) -> tuple[int, int] | None:
+    first = None
+    number = -1
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh):
+            if first is None and number >= _GUTENBERG_HEADER:
+                return None
+            marker = _GUTENBERG.match(raw.removeprefix(b"\xef\xbb\xbf"))
+            if marker and marker[1].upper() == b"START" and first is None:
+                first = number + 1
+            elif marker and marker[1].upper() == b"END" and first is not None:
+                log.info("%s: reading the book between its Project Gutenberg START and END lines (lines %d-%d)",
+                         path, first + 1, number)
+                return first, number
+    if first is None:
+        return None
+    log.info("%s: reading the book after its Project Gutenberg START line (line %d on)", path, first + 1)
+    return first, number + 1
+
+
+def text_lines(path: Path, tsv_column: str | None = None) -> Iterator[str]:
+    """The lines of a corpus file (:func:`read_lines`), a Project Gutenberg book without its header and footer."""
+    body = None if tsv_column else gutenberg_body(path)
+    lines = read_lines(path, tsv_column)
+    return lines if body is None else itertools.islice(lines, *body)
+
+
+def count_text_lines(paths: list[Path], tsv_column: str | None = None) -> int:
+    """How many lines :func:`text_lines` gives for these files."""
+    total = 0
+    for path in paths:
+        body = None if tsv_column else gutenberg_body(path)
+        total += body[1] - body[0] if body else count_lines([path]) - (1 if tsv_column else 0)
+    return total
 
 
 def count_lines(paths: list[Path]) -> int:
@@ -248,30 +368,39 @@ def split_lines(source: CorpusSource) -> Iterator[tuple[str, str]]:
     """(split, line) pairs over the whole corpus, in file order.
 
     A lone corpus is cut by line fractions: the first ``split[0]`` of the lines train, the next
-    ``split[1]`` valid, the rest test. A corpus too small to give every split a line trains on all
-    of it and validates and tests on the same text (``source.notes`` says so).
+    ``split[1]`` valid, the rest test. An empty corpus gives nothing.
+
+    Raises:
+        DataError: a split would get no line (a fraction of 0, or too few lines): its scores would
+            be measured on nothing, or on the training text.
     """
+    for path in dict.fromkeys(p for paths in source.files.values() for p in paths):  # before counting a .gz's lines
+        with open(path, "rb") as fh:
+            _check_is_text(path, fh.read(_HEAD))
     if "all" not in source.files:
         for split in SPLITS:
             for path in source.files[split]:
-                yield from ((split, line) for line in read_lines(path, source.tsv_column))
+                yield from ((split, line) for line in text_lines(path, source.tsv_column))
         return
     paths = source.files["all"]
-    n = count_lines(paths) - (1 if source.tsv_column else 0) * len(paths)
+    n = count_text_lines(paths, source.tsv_column)
+    if n == 0:
+        return
     n_train = int(n * source.split[0])
     n_valid = int(n * source.split[1])
-    if n_train == 0 or n_valid == 0 or n - n_train - n_valid == 0:
-        source.notes.append(
-            f"corpus {source.name!r} has only {n} lines, too few to split {list(source.split)}: "
-            "validating and testing on the training text"
-        )
-        for path in paths:
-            for line in read_lines(path, source.tsv_column):
-                for split in SPLITS:
-                    yield split, line
-        return
+    shown = "[" + ",".join(f"{f:g}" for f in source.split) + "]"
+    for split, lines, fraction in zip(SPLITS, (n_train, n_valid, n - n_train - n_valid), source.split, strict=True):
+        if fraction <= 0:
+            raise DataError(f"data.split={shown} gives the {split} split no lines: train, valid and test each need "
+                            "their own (scores on the training text say nothing), e.g. data.split=[0.9,0.05,0.05]")
+        if lines == 0:
+            for path in paths:  # a file that is not UTF-8 says so first: that is the problem to fix
+                for _ in text_lines(path, source.tsv_column):
+                    pass
+            raise DataError(f"corpus {source.name!r} has only {n} line(s), too few for data.split={shown} to give the "
+                            f"{split} split one: use a longer file or larger fractions, e.g. data.split=[0.8,0.1,0.1]")
     i = 0
     for path in paths:
-        for line in read_lines(path, source.tsv_column):
+        for line in text_lines(path, source.tsv_column):
             yield ("train" if i < n_train else "valid" if i < n_train + n_valid else "test"), line
             i += 1

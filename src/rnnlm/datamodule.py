@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from rnnlm.corpora import CorpusSource, DataError, named_source, path_source
 from rnnlm.prepare import PreparedCorpus, prepare
@@ -66,18 +66,19 @@ class StreamChunks(IterableDataset):
 
 
 class Sentences(Dataset):
-    """One example per line: inputs ``<bos> t1 .. tn``, targets ``t1 .. tn <eos>`` (at most ``max_len``).
+    """One example per line: inputs ``<bos> t1 .. tn``, targets ``t1 .. tn <eos>`` (at most ``max_len``;
+    None keeps whole lines, as evaluation must to score every token).
 
     Lines are found in the stream by their line-end id; empty lines are skipped.
     """
 
-    def __init__(self, ids: np.ndarray, line_end_id: int, bos_id: int, max_len: int):
+    def __init__(self, ids: np.ndarray, line_end_id: int, bos_id: int, max_len: int | None):
         ends = np.flatnonzero(np.asarray(ids) == line_end_id)
         starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
         keep = ends > starts  # a line holding only its line end is empty
         self.starts, self.ends = starts[keep], ends[keep]
         self.ids, self.bos_id, self.max_len = ids, bos_id, max_len
-        self.truncated = int(((self.ends + 1 - self.starts) > max_len).sum())
+        self.truncated = 0 if max_len is None else int(((self.ends + 1 - self.starts) > max_len).sum())
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -88,6 +89,27 @@ class Sentences(Dataset):
         return inputs, line
 
 
+class EvenShards(DistributedSampler):
+    """Rank ``r`` of ``R`` reads examples ``r, r+R, r+2R ..``: together the ranks read each example once.
+
+    Lightning's :class:`DistributedSampler` pads the dataset with repeated examples so that every rank
+    gets as many, which counts those examples twice in a validation score. Ranks here may get one
+    example fewer; evaluation only sums losses at the end, so uneven ranks are fine. Being a
+    DistributedSampler, Lightning keeps it instead of putting its own in.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 def pad_batch(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest line: inputs with id 0 (never scored), targets with IGNORE_INDEX."""
     inputs = torch.nn.utils.rnn.pad_sequence([x for x, _ in examples], batch_first=True, padding_value=0)
@@ -95,8 +117,10 @@ def pad_batch(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     return inputs, targets
 
 
-def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers: int = 0) -> DataLoader:
-    """Stream chunks come batched and in order; sentences are shuffled (if asked) and padded ``rows`` at a time.
+def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers: int = 0,
+                sampler: DistributedSampler | None = None) -> DataLoader:
+    """Stream chunks come batched and in order; sentences are shuffled (if asked, or drawn by ``sampler``)
+    and padded ``rows`` at a time.
 
     Each loader draws on a generator of its own (seeded from the run's seed): starting an iterator
     would otherwise take a number from the global random stream, so where validations fall would
@@ -105,8 +129,8 @@ def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers:
     generator = torch.Generator().manual_seed(torch.initial_seed())
     if isinstance(dataset, StreamChunks):
         return DataLoader(dataset, batch_size=None, generator=generator)
-    return DataLoader(dataset, batch_size=rows, shuffle=shuffle, collate_fn=pad_batch, num_workers=num_workers,
-                      generator=generator)
+    return DataLoader(dataset, batch_size=rows, shuffle=shuffle, sampler=sampler, collate_fn=pad_batch,
+                      num_workers=num_workers, generator=generator)
 
 
 class TextDataModule(L.LightningDataModule):
@@ -117,7 +141,8 @@ class TextDataModule(L.LightningDataModule):
         path: a text file or folder; wins over ``corpus``.
         level: ``char`` or ``word``.
         mode: ``stream`` (contiguous columns, state carried) or ``sentence`` (one line per example).
-        seq_len: time steps per chunk (stream) or the longest example (sentence).
+        seq_len: time steps per chunk (stream) or the longest training example (sentence; validation and
+            test lines are read whole, so every token is scored).
         batch_size / eval_batch_size: rows per batch on each process for training / evaluation.
         data_dir: where named corpora live (downloaded when missing).
         cache_dir: where token ids are cached; may differ from a read-only ``data_dir``.
@@ -187,9 +212,14 @@ class TextDataModule(L.LightningDataModule):
                 self.datasets[split] = StreamChunks(ids, rows, hp.seq_len, rank, world, split)
             else:
                 vocab = prepared.vocab
-                self.datasets[split] = Sentences(ids, vocab.line_end_id, vocab.bos_id, hp.seq_len)
+                # Validation and test read whole lines, so their score covers every token of the split.
+                max_len = hp.seq_len if split == "train" else None
+                self.datasets[split] = Sentences(ids, vocab.line_end_id, vocab.bos_id, max_len)
                 if len(self.datasets[split]) == 0:
                     raise DataError(f"the {split} split has no non-empty line: sentence mode needs lines of text")
+                if split != "train" and len(self.datasets[split]) < world:
+                    raise DataError(f"the {split} split has {len(self.datasets[split])} lines, fewer than the {world} "
+                                    "processes that share it: use more text or fewer devices")
                 if self.datasets[split].truncated:
                     log.warning("%s: %d lines longer than data.seq_len=%d tokens are cut to it",
                                 split, self.datasets[split].truncated, hp.seq_len)
@@ -208,7 +238,11 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         rows = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
-        return make_loader(self.datasets[split], rows, shuffle, self.hparams.num_workers)
+        dataset, sampler = self.datasets[split], None
+        if split != "train" and isinstance(dataset, Sentences):  # each line scored once, on one process
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+            sampler = EvenShards(dataset, world, rank)
+        return make_loader(dataset, rows, shuffle, self.hparams.num_workers, sampler)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -8,7 +8,10 @@ Cache layout (one folder per corpus, level and vocabulary settings)::
         train.npy valid.npy test.npy   uint16/uint32 ids, read with mmap_mode="r"
 
 The folder is built under a temporary name and renamed into place, so an interrupted run or two
-runs racing never leave a half-written cache. Re-running with the same input is instant.
+runs racing never leave a half-written cache. Re-running with the same input is instant. A named
+corpus is checked against its published SHA-256 before it is tokenized; the folder's key holds each
+file's size and modification time, so a folder that exists was built from checked files. A folder
+damaged later (a file cut short, a broken vocab.json) is rebuilt.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnlm.corpora import SPLITS, CorpusSource, DataError, read_lines, split_lines
+from rnnlm.corpora import SPLITS, CorpusSource, DataError, split_lines, text_lines, verify_checksums
 from rnnlm.vocab import BOS, EOS, UNK, Vocab, build_vocab, split_line
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: Gutenberg header and footer stripped; named corpora checked by SHA-256
 _WRITE_BLOCK = 1 << 20  # ids buffered before each write to the memory map
+MIN_VOCAB = 3  # tokens a model must choose between (<bos> aside) for its scores to mean anything
 
 
 @dataclass
@@ -73,45 +77,83 @@ def prepare(
     """Load the cached token ids of ``source``, building them first if needed."""
     specials = specials_for(level, mode)
     folder = cache_dir / f"{source.name}-{level}-{cache_key(source, level, specials, min_freq, max_size)}"
-    if not (folder / "meta.json").is_file():
-        _build(source, level, specials, min_freq, max_size, folder)
-    else:
-        log.info("Using cached tokens in %s", folder)
+    if (folder / "meta.json").is_file():
+        try:
+            prepared = _load(folder)
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as err:  # a file cut short or overwritten
+            log.warning("the token cache %s is damaged (%s): rebuilding it", folder, err)
+            _remove(folder)
+        else:
+            log.info("Using cached tokens in %s", folder)
+            return prepared
+    elif folder.exists():  # not ours to trust: no meta.json means it was never completed
+        _remove(folder)
+    _build(source, level, specials, min_freq, max_size, folder)
+    return _load(folder)
+
+
+def _load(folder: Path) -> PreparedCorpus:
+    """The vocabulary and memory-mapped ids of a cache folder, checked against its meta.json.
+
+    Raises:
+        OSError, EOFError, ValueError, KeyError: a file is missing, cut short or not what meta.json describes.
+    """
     meta = json.loads((folder / "meta.json").read_text())
-    for note in meta["notes"]:
-        log.warning(note)
     vocab = Vocab.from_dict(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
     splits = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in SPLITS}
+    if len(vocab) != meta["vocab_size"]:
+        raise ValueError(f"vocab.json has {len(vocab)} tokens, meta.json says {meta['vocab_size']}")
+    for s, ids in splits.items():
+        if ids.ndim != 1 or len(ids) != meta["tokens"][s]:
+            raise ValueError(f"{s}.npy has shape {ids.shape}, meta.json says {meta['tokens'][s]} tokens")
+    for note in meta["notes"]:
+        log.warning(note)
     return PreparedCorpus(vocab=vocab, splits=splits, path=folder)
+
+
+def _remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)  # another run may be removing it too
+    if folder.exists():
+        raise DataError(f"the token cache {folder} is damaged and cannot be removed: delete that folder, or set "
+                        "RNNLM_CACHE_DIR / paths.cache_dir to a writable folder")
 
 
 def _build(
     source: CorpusSource, level: str, specials: list[str], min_freq: int, max_size: int | None, folder: Path
 ) -> None:
+    verify_checksums(source)
     log.info("Tokenizing %s (%s level) into %s", source.name, level, folder)
     # Pass 1: token counts per split and the training-split frequencies.
     counts = Counter()
     lengths = dict.fromkeys(SPLITS, 0)
+    lines_with_text = dict.fromkeys(SPLITS, 0)
     unseen: set[str] = set()  # char level: characters of valid/test that train lacks
     for split, line in split_lines(source):
         tokens = split_line(line, level)
         lengths[split] += len(tokens)
+        lines_with_text[split] += len(tokens) > 1  # more than the line end
         if split == "train":
             counts.update(tokens)
         elif level == "char":
             unseen.update(tokens)
     if lengths["train"] == 0:
         raise DataError(f"corpus {source.name!r} has no training text: the file(s) {_paths(source)} are empty")
+    _check_has_text(source, lines_with_text)
     if level == "char":
         unseen -= counts.keys()
         if unseen or min_freq > 1 or max_size is not None:
             specials = [UNK, *specials]
     vocab = build_vocab(counts, level, specials, min_freq=min_freq, max_size=max_size)
+    _check_vocab_size(source, vocab, min_freq, max_size)
     dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max else np.uint32
 
     cache_root = folder.parent
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root))
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root))
+    except OSError as err:
+        raise DataError(f"cannot write the token cache in {cache_root} ({err.strerror}): set RNNLM_CACHE_DIR or "
+                        "paths.cache_dir to a writable folder") from None
     try:
         # Pass 2: encode straight into the memory maps, a block at a time.
         arrays = {
@@ -160,8 +202,32 @@ def _build(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _paths(source: CorpusSource) -> str:
-    return ", ".join(str(p) for paths in source.files.values() for p in paths)
+def _check_has_text(source: CorpusSource, lines_with_text: dict[str, int]) -> None:
+    """Empty lines alone are learned at once (the next token is always a line end): such a split
+    would report a perfect score."""
+    for split, n in lines_with_text.items():
+        if n == 0:
+            where = "" if "all" in source.files else f" ({_paths(source, split)})"
+            raise DataError(f"the {split} split of corpus {source.name!r} has only empty lines{where}: a model scored "
+                            f"on it looks perfect; give the {split} split text")
+
+
+def _check_vocab_size(source: CorpusSource, vocab: Vocab, min_freq: int, max_size: int | None) -> None:
+    kept = [t for t in vocab.tokens if t != BOS]  # <bos> is read, never predicted
+    if len(kept) >= MIN_VOCAB:
+        return
+    shown = " ".join(repr(t) if t == "\n" else t for t in kept)
+    if min_freq > 1 or max_size is not None:
+        limit = "null" if max_size is None else max_size
+        raise DataError(f"the vocabulary of corpus {source.name!r} has only {len(kept)} tokens ({shown}) with "
+                        f"data.min_freq={min_freq} and data.max_size={limit}: every score would be near-perfect; lower "
+                        "data.min_freq or raise data.max_size")
+    raise DataError(f"the training text of corpus {source.name!r} has only {len(kept)} distinct tokens ({shown}): "
+                    "too few for a model's scores to mean anything; give it more varied text")
+
+
+def _paths(source: CorpusSource, split: str | None = None) -> str:
+    return ", ".join(str(p) for s, paths in source.files.items() if split in (None, s) for p in paths)
 
 
 def encode_text(source: CorpusSource, level: str, vocab: Vocab, split: str | None) -> np.ndarray:
@@ -170,8 +236,9 @@ def encode_text(source: CorpusSource, level: str, vocab: Vocab, split: str | Non
     Raises:
         DataError: the text has characters a char vocabulary without ``<unk>`` cannot encode.
     """
+    verify_checksums(source)
     if split is None:
-        lines = (line for paths in source.files.values() for p in paths for line in read_lines(p, source.tsv_column))
+        lines = (line for paths in source.files.values() for p in paths for line in text_lines(p, source.tsv_column))
     else:
         lines = (line for s, line in split_lines(source) if s == split)
     dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max else np.uint32

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from rnnlm.checkpoint import load_checkpoint
+from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
 from rnnlm.checks import ConfigError
 from rnnlm.cli import CONF_DIR, exit_on_user_error, pick_device, quote_free_text
 from rnnlm.corpora import read_lines
@@ -41,16 +41,50 @@ def sentence_logprobs(net: LanguageModel, vocab: Vocab, texts: list[str], batch_
     return results
 
 
-def rank_candidates(net: LanguageModel, vocab: Vocab, text: str, candidates: list[str], blank: str = "___",
-                    device: torch.device | str = "cpu") -> list[tuple[str, float, int]]:
-    """``(candidate, log-probability, tokens)`` of the text with its blank filled by each candidate, best first."""
+def _check_one_blank(text: str, blank: str, fix: str) -> None:
     if blank not in text:
-        raise ConfigError(f"text has no blank {blank!r} to fill: write it where the candidates go (or set blank=...)")
+        raise ConfigError(f"text has no blank {blank!r} to fill: {fix}")
+    if text.count(blank) > 1:
+        raise ConfigError(f"text has {text.count(blank)} blanks {blank!r}: one is filled at a time, so leave one blank "
+                          "and write the other words in")
+
+
+def unknown_candidates(vocab: Vocab, candidates: list[str], single_token: bool = False) -> list[str]:
+    """Candidates the model cannot read: a word (or, in a char model, a character) outside its vocabulary.
+
+    Such a candidate would be scored as ``<unk>``, often a frequent token, and so ranked above real words.
+    With ``single_token`` each candidate must be one token of the vocabulary (a bidirectional model's filler).
+    """
+    if single_token:
+        return [str(c) for c in candidates if str(c) not in vocab]
+    return [str(c) for c in candidates
+            if any(t not in vocab for t in (str(c).split() if vocab.level == "word" else str(c)))]
+
+
+def _known(vocab: Vocab, candidates: list[str], single_token: bool = False) -> list[str]:
     if not candidates:
         raise ConfigError("candidates is empty: give candidates=[a,b,c]")
-    filled = [text.replace(blank, str(c), 1) for c in candidates]
-    scores = sentence_logprobs(net, vocab, filled, device=device)
-    ranked = [(str(c), lp, n) for c, (lp, n) in zip(candidates, scores, strict=True)]
+    unknown = unknown_candidates(vocab, candidates, single_token)
+    known = [str(c) for c in candidates if str(c) not in unknown]
+    if not known:
+        raise ConfigError(f"none of the candidates is in the model's vocabulary ({', '.join(unknown)}), so none can "
+                          "be ranked: give words (or characters) the model was trained on")
+    return known
+
+
+def rank_candidates(net: LanguageModel, vocab: Vocab, text: str, candidates: list[str], blank: str = "___",
+                    device: torch.device | str = "cpu") -> list[tuple[str, float, int]]:
+    """``(candidate, log-probability, tokens)`` of the text with its blank filled by each candidate, best first.
+
+    Only candidates inside the vocabulary are ranked (see :func:`unknown_candidates` for the others).
+
+    Raises:
+        ConfigError: no blank or several, no candidates, or none of them in the vocabulary.
+    """
+    _check_one_blank(text, blank, "write it where the candidates go (or set blank=...)")
+    known = _known(vocab, candidates)
+    scores = sentence_logprobs(net, vocab, [text.replace(blank, c) for c in known], device=device)
+    ranked = [(c, lp, n) for c, (lp, n) in zip(known, scores, strict=True)]
     return sorted(ranked, key=lambda row: -row[1])
 
 
@@ -62,9 +96,8 @@ def fill_blank(net: LanguageModel, vocab: Vocab, text: str, blank: str = "___",
     if not net.bidirectional:
         raise ConfigError("filling a blank from both sides needs a bidirectional model (task=bilm); "
                           "give candidates=[...] to rank them with this model")
-    if blank not in text:
-        raise ConfigError(f"text has no blank {blank!r} to fill: write it where the missing token goes")
-    before, after = text.split(blank, 1)
+    _check_one_blank(text, blank, "write it where the missing token goes")
+    before, after = text.split(blank)
     left = vocab.encode_text(before)  # <start> and the tokens before the blank
     ids = [*left, 0, *vocab.encode_text(after)[1:], vocab.line_end_id]  # the blank's id (0) is never read
     logits, _ = net.eval()(torch.tensor([ids], device=device))
@@ -72,11 +105,9 @@ def fill_blank(net: LanguageModel, vocab: Vocab, text: str, blank: str = "___",
 
 
 def rank_fillers(log_probs: Tensor, vocab: Vocab, candidates: list[str]) -> list[tuple[str, float]]:
-    """``(candidate, log-probability)`` best first; a bidirectional model fills one token per blank."""
-    unknown = [c for c in candidates if str(c) not in vocab]
-    if unknown:
-        raise ConfigError(f"candidates must be single tokens of the model's vocabulary: {unknown} are not")
-    ranked = [(str(c), float(log_probs[vocab.index[str(c)]])) for c in candidates]
+    """``(candidate, log-probability)`` best first; a bidirectional model fills one token per blank, so only
+    candidates that are one token of the vocabulary are ranked."""
+    ranked = [(c, float(log_probs[vocab.index[c]])) for c in _known(vocab, candidates, single_token=True)]
     return sorted(ranked, key=lambda row: -row[1])
 
 
@@ -84,18 +115,21 @@ def rank_fillers(log_probs: Tensor, vocab: Vocab, candidates: list[str]) -> list
 @exit_on_user_error
 def _hydra_main(cfg: DictConfig) -> None:
     if not cfg.ckpt_path:
-        raise ConfigError("ckpt_path is required: ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt")
+        raise ConfigError("ckpt_path is required: ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt "
+                          "(or ckpt_path=last)")
     if (cfg.text is None) == (cfg.text_file is None):
         raise ConfigError("give text=... (with candidates=[...] to fill a blank) or text_file=FILE, one of the two")
     device = pick_device(cfg.device)
-    loaded = load_checkpoint(cfg.ckpt_path, map_location=device)
+    loaded = load_checkpoint(resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir), map_location=device)
     net, vocab = loaded.net, loaded.vocab
     if net.bidirectional:
         if cfg.text is None:
             raise ConfigError("a bidirectional model scores blanks only: give text='... ___ ...'")
         log_probs = fill_blank(net, vocab, cfg.text, cfg.blank, device)
+        unknown = []
         if cfg.candidates:
             rows = rank_fillers(log_probs, vocab, list(cfg.candidates))
+            unknown = unknown_candidates(vocab, list(cfg.candidates), single_token=True)
         else:
             top = log_probs.topk(min(cfg.top_k, len(vocab)))
             rows = [(vocab.tokens[i], lp) for lp, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
@@ -103,12 +137,14 @@ def _hydra_main(cfg: DictConfig) -> None:
         for rank, (token, lp) in enumerate(rows, 1):
             print(f"{rank}\t{lp:.3f}\t{math.exp(lp):.4f}\t{token!r}" if vocab.level == "char" else
                   f"{rank}\t{lp:.3f}\t{math.exp(lp):.4f}\t{token}")
+        _print_unknown(unknown, "not one token of the model's vocabulary")
         return
     if cfg.text is not None and (cfg.candidates or cfg.blank in cfg.text):
         ranked = rank_candidates(net, vocab, cfg.text, list(cfg.candidates), cfg.blank, device)
         print("rank\tlogprob\tppl\tcandidate")
         for rank, (cand, lp, n) in enumerate(ranked, 1):
             print(f"{rank}\t{lp:.3f}\t{math.exp(-lp / n):.2f}\t{cand}")
+        _print_unknown(unknown_candidates(vocab, list(cfg.candidates)), "not in the model's vocabulary")
         return
     if cfg.text is not None:
         lines = [cfg.text]
@@ -119,6 +155,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     print("logprob\tppl\ttokens\ttext")
     for line, (lp, n) in zip(lines, sentence_logprobs(net, vocab, lines, cfg.batch_size, device), strict=True):
         print(f"{lp:.3f}\t{math.exp(-lp / n):.2f}\t{n}\t{line}")
+
+
+def _print_unknown(candidates: list[str], why: str) -> None:
+    if candidates:  # after the table, so the ranks above stay those of real words
+        print(f"{why}, not ranked: {', '.join(candidates)}")
 
 
 def main() -> None:
