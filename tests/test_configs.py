@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -57,3 +58,14 @@ def test_every_experiment_runs_a_few_steps(make_cfg, experiment, tiny_corpus):
 def test_unknown_choice_is_rejected_with_the_options(make_cfg, override):
     with pytest.raises(Exception, match=r"Could not find '\w+/\w+'"):
         make_cfg(override)
+
+
+def test_trainer_options_in_the_yaml_keep_lightning_defaults(make_cfg):
+    cfg = make_cfg("trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0")  # no `+` needed
+    assert cfg.trainer.limit_val_batches == 0
+    ours = instantiate(make_cfg(tiny=False).trainer, accelerator="cpu", logger=False, default_root_dir=None)
+    plain = L.Trainer(accelerator="cpu", logger=False, devices=1)
+    for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "num_sanity_val_steps",
+                 "accumulate_grad_batches", "fast_dev_run", "overfit_batches"):
+        assert getattr(ours, name) == getattr(plain, name), name
+    assert (ours.progress_bar_callback is None) == (plain.progress_bar_callback is None)

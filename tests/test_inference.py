@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from rnnlm.checkpoint import CheckpointError, load_checkpoint
 from rnnlm.checks import ConfigError, check_generate_config
 from rnnlm.cli import CONF_DIR
 from rnnlm.evaluate import evaluate
+from rnnlm.generate import generate_texts
 from rnnlm.network import LanguageModel
 from rnnlm.sampling import Stepper, generate
 from rnnlm.score import rank_candidates, sentence_logprobs
@@ -126,6 +128,59 @@ def test_eval_reproduces_the_logged_validation_loss(overfit_runs, shared_data, c
         assert result[metric] == pytest.approx(expected)
 
 
+def _eval_config(*overrides: str, data_dir: Path, cache_dir: Path):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("eval", overrides=[f"paths.data_dir={data_dir}", f"paths.cache_dir={cache_dir}", "device=cpu",
+                                          *overrides])
+
+
+def test_eval_of_a_bidirectional_model_reproduces_its_validation_loss(make_cfg, tiny_corpus, shared_data,
+                                                                      cache_dir):
+    cfg = make_cfg("data=word", "model.bidirectional=true", "task=bilm", f"data.path={tiny_corpus}", "logger=csv",
+                   "trainer.max_steps=6", "test=false")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    rows = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("val/loss")]
+    # it trains on stream windows without carrying its state: eval must read the same windows, not sentences
+    result = evaluate(_eval_config(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "split=valid",
+                                   data_dir=shared_data, cache_dir=cache_dir))
+    assert result["loss"] == pytest.approx(float(rows[-1]["val/loss"]), rel=1e-4)
+
+
+def test_eval_uses_the_columns_of_every_training_process(overfit_runs, tmp_path, shared_data, cache_dir):
+    data = torch.load(overfit_runs["char"] / "checkpoints" / "last.ckpt", weights_only=True)
+    data["rnnlm"]["world_size"] = 2  # as if trained by two DDP processes, each on eval_batch_size columns
+    torch.save(data, tmp_path / "ddp.ckpt")
+    ddp = evaluate(_eval_config(f"ckpt_path={tmp_path / 'ddp.ckpt'}", "split=valid", data_dir=shared_data,
+                                cache_dir=cache_dir))
+    columns = data["datamodule_hyper_parameters"]["eval_batch_size"]
+    assert ddp["batch_size"] == 2 * columns
+    same = evaluate(_eval_config(f"ckpt_path={overfit_runs['char'] / 'checkpoints' / 'last.ckpt'}", "split=valid",
+                                 f"data.batch_size={2 * columns}", data_dir=shared_data, cache_dir=cache_dir))
+    assert ddp["loss"] == pytest.approx(same["loss"], rel=1e-6)
+    given = evaluate(_eval_config(f"ckpt_path={tmp_path / 'ddp.ckpt'}", "split=valid", "data.batch_size=3",
+                                  data_dir=shared_data, cache_dir=cache_dir))
+    assert given["batch_size"] == 3  # a batch size on the command line wins
+
+
+def test_last_is_the_newest_training_run_for_eval_and_generate(overfit_runs, tmp_path, shared_data, cache_dir):
+    log_dir = tmp_path / "outputs"
+    for run, level in (("old", "word"), ("new", "char")):
+        folder = log_dir / "train" / "runs" / run / "checkpoints"
+        folder.mkdir(parents=True)
+        shutil.copy(overfit_runs[level] / "checkpoints" / "last.ckpt", folder / "last.ckpt")
+        os.utime(folder / "last.ckpt", (1e9, 1e9) if run == "old" else None)
+    newest = log_dir / "train" / "runs" / "new" / "checkpoints" / "last.ckpt"
+    result = evaluate(_eval_config("ckpt_path=last", f"paths.log_dir={log_dir}", "split=valid",
+                                   data_dir=shared_data, cache_dir=cache_dir))
+    assert result["checkpoint"] == str(newest.resolve()) and result["level"] == "char"
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("generate", overrides=["ckpt_path=last", f"paths.log_dir={log_dir}", "prompt=pack my",
+                                             "max_new_tokens=8", "device=cpu"])
+    [text] = generate_texts(cfg)
+    assert text.startswith("pack my") and len(text) == 7 + 8  # characters: the char model was picked
+
+
 def test_score_ranks_the_right_candidate_first(overfit_runs):
     for level in ("char", "word"):
         loaded = load_checkpoint(overfit_runs[level] / "checkpoints" / "last.ckpt")
@@ -209,12 +264,3 @@ def test_cli_errors_are_one_line_and_exit_2(overfit_runs, tmp_path):
         assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
         assert "Traceback" not in result.stderr
 
-
-def test_score_cli_takes_hangul_text_and_candidates(overfit_runs):
-    ckpt = overfit_runs["word"] / "checkpoints" / "last.ckpt"
-    result = _cli("score.py", f"ckpt_path={ckpt}", "text=운동을 ___ 효과적이다", "candidates=[근육,지방,스트레스]")
-    assert result.returncode == 0, result.stderr
-    rows = [line.split("\t") for line in result.stdout.splitlines()[1:]]
-    assert [r[0] for r in rows] == ["1", "2", "3"]
-    assert sorted(r[-1] for r in rows) == sorted(["근육", "지방", "스트레스"])
-    assert "read as <unk>" in result.stderr  # none of these words is in the tiny corpus

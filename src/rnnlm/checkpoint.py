@@ -64,6 +64,13 @@ def write_checkpoint(checkpoint: dict, path: str | Path) -> None:
             os.unlink(tmp)
 
 
+def written_by_torch(path: Path) -> bool:
+    """Whether ``path`` starts as torch.save's files do (a zip archive, or a pickle in the legacy format)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """The whole checkpoint as plain data, read without unpickling arbitrary objects (``weights_only=True``);
     ``mmap``: leave the tensors on disk until used (to read the plain-data sections of a large file).
@@ -75,9 +82,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: give ckpt_path=RUN/checkpoints/last.ckpt")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+    if not written_by_torch(path):
         raise CheckpointError(f"{path} is not a checkpoint file (torch.save writes them): "
                               "give ckpt_path=RUN/checkpoints/last.ckpt or best.ckpt")
     try:
@@ -113,8 +118,8 @@ def resolve_checkpoint(ckpt_path: str | Path | None, log_dir: str | Path) -> Pat
         CheckpointError: no path was given, it does not exist, or ``last`` finds no run.
     """
     if not ckpt_path:
-        raise CheckpointError("ckpt_path is required: ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt "
-                              "(or ckpt_path=last for the newest run's)")
+        raise CheckpointError("ckpt_path is required: ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt, "
+                              "or ckpt_path=last for the newest training run's")
     if str(ckpt_path) == "last":
         found = last_checkpoints(log_dir)
         if not found:

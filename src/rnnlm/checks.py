@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from rnnlm.backbone import CELLS, IMPLS, NONLINEARITIES
 from rnnlm.corpora import CORPORA
-from rnnlm.datamodule import MODES
 from rnnlm.vocab import LEVELS
 
 TASKS = ("lm", "bilm")
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # weight blocks per layer: one per gate and candidate
+# float32 weights, their gradients and the optimizer's two moments (AdamW; SGD with momentum keeps one)
+BYTES_PER_PARAMETER = 4 * 4
 
 
 class ConfigError(Exception):
@@ -26,8 +31,21 @@ def _positive(problems: list[str], key: str, value, allow_none: bool = False) ->
         problems.append(f"{key}={value} must be a positive integer{extra}")
 
 
+def _positive_number(problems: list[str], key: str, value) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        problems.append(f"{key}={value} must be a positive number")
+
+
 def check_train_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every problem in the model and data settings."""
+    """Raise :class:`ConfigError` listing every problem in the model, data, optimizer and trainer settings."""
+    from rnnlm.datamodule import MODES  # imports Lightning, which only training needs
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if "model.cell" in missing:
+        raise ConfigError("model.cell is not set (model=_recurrent is the base the model files share): "
+                          f"use model={'|'.join(CELLS)}")
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set (??? in the config): add {missing[0]}=...")
     problems: list[str] = []
     model, data = cfg.model, cfg.data
     if model.cell not in CELLS:
@@ -70,19 +88,64 @@ def check_train_config(cfg: DictConfig) -> None:
     split = list(data.split)
     if len(split) != 3 or any(f < 0 for f in split) or sum(split) > 1 + 1e-9:
         problems.append(f"data.split={split} must be three fractions (train, valid, test) summing to at most 1")
+    if cfg.seed is not None and (not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool)):
+        problems.append(f"seed={cfg.seed} must be an integer (or null for a random one)")
+    _positive_number(problems, "optimizer.lr", cfg.optimizer.lr)
+    if str(cfg.trainer.accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.append(f"trainer.accelerator={cfg.trainer.accelerator} but no GPU is available: use trainer=cpu, "
+                        "or trainer=default (a GPU when there is one)")
+    for flag, callback in (("enable_progress_bar", "progress_bar"), ("enable_model_summary", "model_summary")):
+        if cfg.trainer[flag] is False and callback in cfg.callbacks:  # Lightning refuses the pair
+            problems.append(f"trainer.{flag}=false: also remove the callback with ~callbacks.{callback}")
     if problems:
         raise ConfigError("; ".join(problems))
+    _check_memory(cfg, 0, "the recurrent layers alone")  # the vocabulary's share is known later
 
 
-def _require_checkpoint(problems: list[str], cfg: DictConfig) -> None:
-    if not cfg.ckpt_path:
-        problems.append("ckpt_path is required: ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt")
+def check_model_memory(cfg: DictConfig, vocab_size: int) -> None:
+    """Raise :class:`ConfigError` when the model's parameters, gradients and optimizer state cannot fit in the
+    memory of the device it would train on (before an allocation fails somewhere deep in torch)."""
+    _check_memory(cfg, vocab_size, "the model")
+
+
+def count_parameters(model: DictConfig, vocab_size: int) -> int:
+    """The parameters of the :class:`~rnnlm.network.LanguageModel` that ``model`` (conf/model) describes, with
+    torch.nn's two biases per gate (the scratch cells keep one: a few hundred fewer)."""
+    hidden, layers = model.hidden_size, model.num_layers
+    directions = 2 if model.bidirectional else 1  # a bidirectional LM has a second, backward stack
+    embedding = vocab_size * model.embedding_dim if model.embedding_dim else 0
+    inputs = [model.embedding_dim or vocab_size] + [hidden] * (layers - 1)
+    # per layer: W_ih (G*H, I), W_hh (G*H, H) and their two biases
+    stack = sum(GATES[model.cell] * hidden * (i + hidden + 2) for i in inputs)
+    decoder = (0 if model.tie_weights else hidden * directions * vocab_size) + vocab_size
+    return embedding + directions * stack + decoder
+
+
+def _memory(cfg: DictConfig) -> tuple[int, str]:
+    """Bytes of memory of the device the run trains on, and its name for messages."""
+    accelerator = str(cfg.trainer.accelerator).lower()
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.get_device_properties(0).total_memory, "the GPU has"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+
+
+def _check_memory(cfg: DictConfig, vocab_size: int, what: str) -> None:
+    needed = count_parameters(cfg.model, vocab_size) * BYTES_PER_PARAMETER
+    available, where = _memory(cfg)
+    if needed > available:
+        raise ConfigError(
+            f"{what} (model.hidden_size={cfg.model.hidden_size}, model.num_layers={cfg.model.num_layers}"
+            f"{f', {vocab_size:,} tokens' if vocab_size else ''}) would need about {needed / 2**30:,.1f} GiB for the "
+            f"weights, gradients and optimizer state, but {where} {available / 2**30:,.1f} GiB: lower "
+            "model.hidden_size or model.num_layers" + (" or the vocabulary (data.max_size)" if vocab_size else "")
+        )
 
 
 def check_generate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every problem in the sampling settings."""
     problems: list[str] = []
-    _require_checkpoint(problems, cfg)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        problems.append(f"seed={cfg.seed} must be an integer")
     if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 0:
         problems.append(f"max_new_tokens={cfg.max_new_tokens} must be an integer >= 0")
     _positive(problems, "num_samples", cfg.num_samples)

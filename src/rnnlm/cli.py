@@ -5,15 +5,25 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import torch
+from hydra import initialize_config_dir
+from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 
-from rnnlm.checkpoint import CheckpointError, NonFiniteError
+from rnnlm.checkpoint import CheckpointError, NonFiniteError, written_by_torch
 from rnnlm.checks import ConfigError
 from rnnlm.corpora import DataError
 from rnnlm.vocab import VocabularyError
@@ -38,6 +48,7 @@ for _handler in logging.getLogger("lightning.pytorch").handlers:
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable install)
 USER_ERRORS = (ConfigError, DataError, CheckpointError, VocabularyError, NonFiniteError)
+LISTED_SWEEPS = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
 T = TypeVar("T")
 
 
@@ -56,6 +67,103 @@ def exit_on_user_error(task: Callable[..., T]) -> Callable[..., T]:
             sys.exit(2)
 
     return wrapper
+
+
+def run_command(hydra_main: Callable[[], object], config_name: str) -> None:
+    """Run a ``@hydra.main`` function once :func:`check_command_line` has passed its command line."""
+    exit_on_user_error(check_command_line)(config_name, sys.argv[1:])
+    hydra_main()
+
+
+def check_command_line(config_name: str, argv: list[str]) -> None:
+    """Compose the config as Hydra is about to, so that a misspelled key, an unknown choice, an unreadable
+    override, a sweep without ``-m`` or a run folder that cannot be made costs one line. Hydra reports these
+    in several lines, with exit status 1, from inside ``hydra.main`` where no wrapper can reach them.
+
+    ``--help``, ``--info`` and the other flags, and another search path (``--config-dir``, ``--config-path``,
+    as DDP processes are started with), are left to Hydra.
+
+    Raises:
+        ConfigError: the message says what to change.
+    """
+    args = get_args_parser().parse_args(argv)
+    if (args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun
+            or args.config_dir or args.config_path):
+        return
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        # composed as hydra.main does to find the mode: for a sweep, with the sweeps' values left out
+        compose = functools.partial(GlobalHydra.instance().hydra.compose_config, args.config_name or config_name,
+                                    run_mode=RunMode.MULTIRUN, validate_sweep_overrides=False)
+        try:
+            overrides = OverridesParser.create().parse_overrides(args.overrides)
+            cfg = compose(args.overrides)
+            multirun = args.multirun or cfg.hydra.mode == RunMode.MULTIRUN
+            sweeps = [o for o in overrides if o.is_sweep_override() and not o.is_hydra_override()]
+            if sweeps and not multirun:
+                raise ConfigError(f"{sweeps[0].input_line} is a sweep: add -m to run one job per value (a list is "
+                                  "key=[a,b]; a text with commas is quoted: \"key='a,b'\")")
+            # Each value of each sweep, before the first job starts: the i-th values of all sweeps together.
+            values = [list(o.sweep_string_iterator()) if o in sweeps and o.value_type in LISTED_SWEEPS else []
+                      for o in overrides]
+            for i in range(max(map(len, values), default=0)):
+                compose([f"{o.get_key_element()}={v[min(i, len(v) - 1)]}" if v else o.input_line
+                         for o, v in zip(overrides, values, strict=True)])
+        except HydraException as err:
+            raise ConfigError(describe_hydra_error(err)) from err
+    if args.cfg is None and cfg.hydra.output_subdir is not None:  # this run writes a folder
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        check_folder_writable(Path(OmegaConf.select(cfg, key)), key)
+
+
+def describe_hydra_error(err: HydraException) -> str:
+    """Hydra's complaint about the command line, in one line with the fix."""
+    if isinstance(err, MissingConfigException) and err.options:  # model=foo
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        options = ", ".join(sorted(o for o in err.options if not o.startswith("_")))  # _*.yaml are shared bases
+        return f"{group}={name} is not a choice: use one of {options}"
+    unknown = re.match(r"Could not override '([^']+)'", str(err))  # not in the config, nor in its defaults list
+    if unknown:
+        return f"{unknown[1]} is not a setting: check the name in conf/ (add a new key with +{unknown[1]}=...)"
+    if isinstance(err, OverrideParseException):
+        return (f"cannot read the override {err.override!r}: write key=value, and quote a value with spaces, "
+                "commas or non-ASCII letters: \"key='...'\" (https://hydra.cc/docs/advanced/override_grammar/basic)")
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def check_folder_writable(folder: Path, key: str) -> None:
+    """Raise :class:`ConfigError` unless ``folder`` can be made (or written in), tried with a probe folder:
+    permission bits do not tell (root ignores them; a read-only mount does not show in them)."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as err:
+        raise ConfigError(f"cannot create the run folder {folder} in {existing} ({err.strerror}): run from a "
+                          f"folder you can write to, or set paths.log_dir=DIR (or {key}=DIR)") from None
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """The file a command may write its result to: never a checkpoint (a ``.ckpt`` name, or a file that
+    torch.save wrote), never a folder, never an existing file unless ``overwrite`` is true.
+
+    Raises:
+        ConfigError: the message says what to give instead.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"output={path} is a folder: give a file name in it (output={path}/FILE)")
+    if not path.parent.is_dir():
+        raise ConfigError(f"output={path}: the folder {path.parent} does not exist: create it (mkdir -p "
+                          f"{path.parent}) or give a path in an existing folder")
+    if path.suffix == ".ckpt" or (path.is_file() and written_by_torch(path)):
+        raise ConfigError(f"output={path} is a checkpoint's name or file, which is never written over: "
+                          "give another file name")
+    if path.is_file() and not overwrite:
+        raise ConfigError(f"output={path} already exists: give another file name, or add overwrite=true to replace it")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"output={path}: {path.parent} is not writable: give a path in a folder you can write to")
+    return path
 
 
 def pick_device(name: str) -> torch.device:

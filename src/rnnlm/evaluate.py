@@ -10,9 +10,9 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from rnnlm.checkpoint import load_checkpoint
+from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
 from rnnlm.checks import ConfigError
-from rnnlm.cli import CONF_DIR, exit_on_user_error, pick_device
+from rnnlm.cli import CONF_DIR, check_output, exit_on_user_error, pick_device, run_command
 from rnnlm.corpora import SPLITS, DataError, path_source
 from rnnlm.datamodule import Sentences, StreamChunks, TextDataModule, make_loader
 from rnnlm.prepare import encode_text
@@ -25,12 +25,11 @@ MAX_UNK_SHARE = 0.5  # above this share of <unk>, a perplexity says nothing abou
 
 def evaluate(cfg: DictConfig) -> dict:
     """Token-weighted loss of the checkpoint on the chosen text, with the hidden state carried as in training."""
-    if not cfg.ckpt_path:
-        raise ConfigError("ckpt_path is required: ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt")
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split} must be one of {'|'.join(SPLITS)}")
     device = pick_device(cfg.device)
-    loaded = load_checkpoint(cfg.ckpt_path)
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
+    loaded = load_checkpoint(ckpt_path)
     vocab, trained_on = loaded.vocab, loaded.data
     if cfg.data.path:
         source = path_source(Path(cfg.data.path).expanduser())
@@ -46,18 +45,23 @@ def evaluate(cfg: DictConfig) -> dict:
             f"{unk_share:.0%} of the tokens of {source.name} are outside the checkpoint's vocabulary: this text "
             "does not match the model (a different language or tokenization?); evaluate on text like its training data"
         )
-    batch_size = cfg.data.batch_size or trained_on.get("eval_batch_size", 10)
+    # A bidirectional model trains on stream windows too, though it carries no state between them.
+    stream = trained_on.get("mode", "stream") == "stream"
+    # Training cut the stream into eval_batch_size columns on each of its processes: as many columns in
+    # all score the same tokens in the same windows, so eval reproduces the logged val/loss.
+    columns = trained_on.get("eval_batch_size", 10) * (loaded.info["world_size"] if stream else 1)
+    batch_size = cfg.data.batch_size or columns
     seq_len = cfg.data.seq_len or trained_on.get("seq_len", 128)
-    if loaded.info["carry_state"]:
+    if stream:
         dataset = StreamChunks(ids, batch_size, seq_len, split=split or "evaluation")
     else:
-        dataset = Sentences(ids, vocab.line_end_id, vocab.start_id, seq_len)
+        dataset = Sentences(ids, vocab.line_end_id, vocab.start_id, None)  # whole lines: every token scored
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
     metrics = trainer.test(loaded.module, dataloaders=make_loader(dataset, batch_size), verbose=False)[0]
     loss = metrics["test/loss"]
     result = {
-        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "checkpoint": str(ckpt_path.resolve()),
         "global_step": loaded.info["global_step"],
         "text": f"{source.name}:{split or 'all'}",
         "level": vocab.level,
@@ -74,18 +78,17 @@ def evaluate(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 @exit_on_user_error
 def _hydra_main(cfg: DictConfig) -> None:
+    output = check_output(cfg.output or Path(cfg.paths.output_dir) / "metrics.json", cfg.overwrite)
     result = evaluate(cfg)
     metric = f"bpc {result['bpc']:.4f}" if "bpc" in result else f"ppl {result['ppl']:.2f}"
     print(f"{result['text']}: {result['tokens']:,} tokens | loss {result['loss']:.4f} nats | {metric}")
-    output = Path(cfg.output or Path(cfg.paths.output_dir) / "metrics.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     log.info("Metrics written to %s", output)
 
 
 def main() -> None:
     """Console entry point: ``rnnlm-eval [overrides]``."""
-    _hydra_main()
+    run_command(_hydra_main, "eval")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from rnnlm.checkpoint import load_checkpoint
+from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
 from rnnlm.checks import ConfigError, check_generate_config
-from rnnlm.cli import CONF_DIR, exit_on_user_error, pick_device, quote_free_text
+from rnnlm.cli import CONF_DIR, check_output, exit_on_user_error, pick_device, quote_free_text, run_command
 from rnnlm.sampling import generate
 
 SEPARATOR = "\n" + "-" * 40 + "\n"
@@ -20,13 +20,14 @@ SEPARATOR = "\n" + "-" * 40 + "\n"
 def generate_texts(cfg: DictConfig) -> list[str]:
     """The prompt followed by each sample's continuation, as text."""
     check_generate_config(cfg)
+    prompt = read_prompt(cfg)
     device = pick_device(cfg.device)
-    loaded = load_checkpoint(cfg.ckpt_path, map_location=device)
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
+    loaded = load_checkpoint(ckpt_path, map_location=device)
     if loaded.net.bidirectional:
-        raise ConfigError(f"{cfg.ckpt_path} is a bidirectional model: it predicts each token from both sides and "
+        raise ConfigError(f"{ckpt_path} is a bidirectional model: it predicts each token from both sides and "
                           "cannot generate text; fill a blank with score.py text='... ___ ...' instead")
     vocab = loaded.vocab
-    prompt = Path(cfg.prompt_file).read_text(encoding="utf-8").rstrip("\n") if cfg.prompt_file else cfg.prompt
     ids = vocab.encode_text(prompt)
     stop_id = vocab.line_end_id if cfg.stop_at_eos else None
     new = generate(
@@ -44,19 +45,33 @@ def generate_texts(cfg: DictConfig) -> list[str]:
     return texts
 
 
+def read_prompt(cfg: DictConfig) -> str:
+    """``prompt``, or the text of ``prompt_file`` (UTF-8) without its final newlines."""
+    if not cfg.prompt_file:
+        return cfg.prompt
+    try:
+        return Path(cfg.prompt_file).read_text(encoding="utf-8").rstrip("\n")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"prompt_file={cfg.prompt_file} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+            f"{err.start}): convert it, e.g. iconv -f latin1 -t utf-8 {cfg.prompt_file} > prompt-utf8.txt"
+        ) from None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 @exit_on_user_error
 def _hydra_main(cfg: DictConfig) -> None:
+    output = check_output(cfg.output, cfg.overwrite) if cfg.output else None  # before the work, not after
     text = SEPARATOR.join(generate_texts(cfg))
     print(text)
-    if cfg.output:
-        Path(cfg.output).write_text(text + "\n", encoding="utf-8")
+    if output:
+        output.write_text(text + "\n", encoding="utf-8")
 
 
 def main() -> None:
     """Console entry point: ``rnnlm-generate [overrides]``."""
     sys.argv[1:] = quote_free_text(sys.argv[1:], text_keys=("prompt",))
-    _hydra_main()
+    run_command(_hydra_main, "generate")
 
 
 if __name__ == "__main__":

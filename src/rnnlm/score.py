@@ -13,7 +13,7 @@ from torch import Tensor
 
 from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
 from rnnlm.checks import ConfigError
-from rnnlm.cli import CONF_DIR, exit_on_user_error, pick_device, quote_free_text
+from rnnlm.cli import CONF_DIR, exit_on_user_error, pick_device, quote_free_text, run_command
 from rnnlm.corpora import read_lines
 from rnnlm.datamodule import IGNORE_INDEX, pad_batch
 from rnnlm.network import LanguageModel
@@ -114,13 +114,11 @@ def rank_fillers(log_probs: Tensor, vocab: Vocab, candidates: list[str]) -> list
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
 @exit_on_user_error
 def _hydra_main(cfg: DictConfig) -> None:
-    if not cfg.ckpt_path:
-        raise ConfigError("ckpt_path is required: ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt "
-                          "(or ckpt_path=last)")
     if (cfg.text is None) == (cfg.text_file is None):
         raise ConfigError("give text=... (with candidates=[...] to fill a blank) or text_file=FILE, one of the two")
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
     device = pick_device(cfg.device)
-    loaded = load_checkpoint(resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir), map_location=device)
+    loaded = load_checkpoint(ckpt_path, map_location=device)
     net, vocab = loaded.net, loaded.vocab
     if net.bidirectional:
         if cfg.text is None:
@@ -165,7 +163,7 @@ def _print_unknown(candidates: list[str], why: str) -> None:
 def main() -> None:
     """Console entry point: ``rnnlm-score [overrides]``."""
     sys.argv[1:] = quote_free_text(sys.argv[1:], text_keys=("text", "blank"), list_keys=("candidates",))
-    _hydra_main()
+    run_command(_hydra_main, "score")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from rnnlm.callbacks import (
     TrainingInterrupted,
 )
 from rnnlm.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
-from rnnlm.checks import check_train_config
-from rnnlm.cli import CONF_DIR, exit_on_user_error
+from rnnlm.checks import check_model_memory, check_train_config
+from rnnlm.cli import CONF_DIR, exit_on_user_error, run_command
 from rnnlm.resume import resume_config
 from rnnlm.vocab import Vocab
 
@@ -123,6 +123,7 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
     # _convert_="all": plain lists and dicts, which checkpoints can hold and weights_only loading accepts.
     datamodule = instantiate(cfg.data, _convert_="all")
     vocab = datamodule.vocab  # tokenizes and caches on the first run
+    check_model_memory(cfg, len(vocab))
     if cfg.ckpt_path:
         check_same_vocabulary(cfg.ckpt_path, vocab)
     # Built through a partial: Hydra would turn a dataclass argument (the vocabulary) into a config.
@@ -192,7 +193,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point: ``rnnlm-train [overrides]``."""
-    _hydra_main()
+    run_command(_hydra_main, "train")
 
 
 if __name__ == "__main__":
