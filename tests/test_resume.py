@@ -2,6 +2,7 @@
 resumed run tests on its true best checkpoint."""
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from rnnlm.checkpoint import CheckpointError, NonFiniteError
+from rnnlm.checkpoint import CheckpointError, NonFiniteError, load_checkpoint
 from rnnlm.resume import resume_config
 from rnnlm.train import train
 
@@ -184,3 +185,21 @@ def test_weights_that_diverge_stop_with_the_nan_message(make_cfg, tiny_corpus):
     with pytest.raises(NonFiniteError, match="lower optimizer.lr"):
         train(make_cfg(f"data.path={tiny_corpus}", "optimizer.lr=1e30", "trainer.gradient_clip_val=null",
                        "trainer.max_steps=6", "trainer.val_check_interval=1", "trainer.check_val_every_n_epoch=null"))
+
+
+def test_a_checkpoint_of_the_previous_format_still_evaluates_and_resumes(make_cfg, tiny_corpus, tmp_path):
+    train(make_cfg(f"data.path={tiny_corpus}", "test=false", "trainer.max_steps=3", run_dir=tmp_path / "a"))
+    data = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    # rnnlm 0.1 wrote the best loss as a buffer, one process's carried state, and no config
+    resume = data["rnnlm_resume"]
+    data["state_dict"]["best_val_loss"] = torch.tensor(resume.pop("best_val_loss"), dtype=torch.float64)
+    resume["train_state"] = tuple(s[0] for s in resume.pop("train_state_by_rank"))
+    del data["rnnlm_config"], resume["configured_lr"]
+    old = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    old.parent.mkdir(parents=True)
+    torch.save(data, old)
+    module = load_checkpoint(old).module  # what eval.py evaluates
+    assert module.best_val_loss == math.inf and module.net.config["hidden_size"] == 32
+    metrics = train(make_cfg(f"data.path={tiny_corpus}", "test=false", "trainer.max_steps=5", f"ckpt_path={old}",
+                             run_dir=tmp_path / "b"))
+    assert _step_of(tmp_path / "b" / "checkpoints" / "last.ckpt") == 5 and math.isfinite(metrics["val/loss_best"])

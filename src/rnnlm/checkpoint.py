@@ -142,11 +142,11 @@ class LoadedModel:
     @property
     def module(self) -> RecurrentLM:
         """The training module around the network, for evaluating with a Lightning Trainer."""
-        from rnnlm.module import RecurrentLM  # imports Lightning: only evaluation needs it
+        from rnnlm.module import LEGACY_BEST_KEY, RecurrentLM  # imports Lightning: only evaluation needs it
 
         network = {k: v for k, v in self.info["network"].items() if k != "vocab_size"}
         module = RecurrentLM(self.vocab, carry_state=self.info["carry_state"], **network)
-        module.load_state_dict(self.state_dict)
+        module.load_state_dict({k: v for k, v in self.state_dict.items() if k != LEGACY_BEST_KEY})
         return module.eval()
 
 

@@ -16,6 +16,7 @@ from rnnlm.network import LanguageModel, sequence_loss
 from rnnlm.vocab import Vocab, loss_in_units
 
 RESUME_KEY = "rnnlm_resume"  # what only a resumed training run reads
+LEGACY_BEST_KEY = "best_val_loss"  # in the state dict of rnnlm 0.1's checkpoints
 
 
 class RecurrentLM(L.LightningModule):
@@ -215,12 +216,14 @@ class RecurrentLM(L.LightningModule):
         return self.all_gather(tensor) if self.trainer.world_size > 1 else tensor.unsqueeze(0)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints of rnnlm 0.1 kept the best loss as a buffer and one process's carried state.
+        legacy_best = checkpoint.get("state_dict", {}).pop(LEGACY_BEST_KEY, None)
         resume = checkpoint.get(RESUME_KEY)
         if resume is None:
             return
-        self.best_val_loss = resume["best_val_loss"]
+        self.best_val_loss = resume.get("best_val_loss", math.inf if legacy_best is None else float(legacy_best))
         self._new_lr = resume.get("configured_lr") != self._configured_lr()  # the user changed optimizer.lr
-        by_rank = resume["train_state_by_rank"]
+        by_rank = resume.get("train_state_by_rank") or _map_state(resume.get("train_state"), lambda s: s[None])
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self._state["train"] = _map_state(by_rank, lambda s: s[rank].to(self.device))
         torch.set_rng_state(resume["torch_rng"])
