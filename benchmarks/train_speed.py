@@ -7,6 +7,7 @@ leaving out the first ``--warmup`` steps; rnnlm also reports its wall-clock rate
 loading, logging and Lightning's hooks between steps.
 
     python benchmarks/train_speed.py            # LSTM 2x200, seq 35, batch 20 on PTB (../shared/data)
+    python benchmarks/train_speed.py --device cuda --size 650
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def run_raw(args) -> float:
            "--level", "word", "--model", args.model, "--emsize", str(args.size), "--nhid", str(args.size),
            "--nlayers", "2", "--bptt", str(args.seq_len), "--batch-size", str(args.batch_size), "--lr", "20",
            "--clip", "0.25", "--dropout", "0.2", "--max-steps", str(args.steps), "--warmup-steps", str(args.warmup),
-           "--no-eval"]
+           "--no-eval", "--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["train_tok_per_s_median"]
 
@@ -66,8 +67,9 @@ def run_rnnlm(args, out_dir: Path) -> tuple[float, float]:
         f"paths.cache_dir={out_dir / 'cache'}", f"model.embedding_dim={args.size}", f"model.hidden_size={args.size}",
         "model.num_layers=2", "model.dropout=0.2", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
         "optimizer=sgd", "optimizer.lr=20", "scheduler=none", "trainer.gradient_clip_val=0.25",
-        f"trainer.max_steps={args.steps}", "+trainer.limit_val_batches=0", "+trainer.num_sanity_val_steps=0",
-        "trainer.accelerator=cpu", "test=false", "~callbacks.text_samples", "~callbacks.progress_bar",
+        f"trainer.max_steps={args.steps}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "test=false", "~callbacks.text_samples",
+        "~callbacks.progress_bar",
         "~callbacks.model_summary",
     ]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the medians")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -105,7 +108,8 @@ def main() -> None:
               f"{wall[-1]:,.0f} tok/s (wall)", flush=True)
     r, o, w = statistics.median(raw), statistics.median(ours), statistics.median(wall)
     print(f"\nPTB word {args.model} 2x{args.size}, seq {args.seq_len}, batch {args.batch_size}, {args.steps} steps, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.rounds} rounds")
+          f"{args.device},"
+          f" torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.rounds} rounds")
     print(f"raw_lm.py        {r:>9,.0f} tok/s")
     print(f"rnnlm (steps)    {o:>9,.0f} tok/s   ratio to raw {o / r:.3f}")
     print(f"rnnlm (wall)     {w:>9,.0f} tok/s   ratio to raw {w / r:.3f}")

@@ -83,7 +83,7 @@ class RunCheckpoints(ModelCheckpoint):
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         if not self.write_last or not fitting or trainer.fast_dev_run:
             return
-        trainer.save_checkpoint(self.last_path)  # every process takes part; the first one writes
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # every process takes part; the first writes
         self._saved_at, self._last_step_saved = time.monotonic(), trainer.global_step
 
     # ---------------------------------------------------------------- stopping on a signal
@@ -200,7 +200,8 @@ class ProgressLog(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._started = self._training_since = time.monotonic()
         self._first_step = trainer.global_step
-        self._seen = float(trainer.callback_metrics.get("train/tokens_seen", 0.0))
+        counters = [c for c in trainer.callbacks if isinstance(c, TokensPerSecond)]
+        self._seen = float(counters[0].seen) if counters else 0.0  # a resumed run has counted tokens already
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:

@@ -223,7 +223,10 @@ class RecurrentLM(L.LightningModule):
             return
         self.best_val_loss = resume.get("best_val_loss", math.inf if legacy_best is None else float(legacy_best))
         self._new_lr = resume.get("configured_lr") != self._configured_lr()  # the user changed optimizer.lr
-        by_rank = resume.get("train_state_by_rank") or _map_state(resume.get("train_state"), lambda s: s[None])
+        if "train_state_by_rank" in resume:
+            by_rank = resume["train_state_by_rank"]
+        else:
+            by_rank = _map_state(resume.get("train_state"), lambda s: s[None])
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self._state["train"] = _map_state(by_rank, lambda s: s[rank].to(self.device))
         torch.set_rng_state(resume["torch_rng"])
