@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +17,12 @@ class OwnRunFolder(Callback):
     - a folder named by the clock (the default) that already exists — two runs started in the same
       second — gets a suffix (``_1``, ``_2``, ...), claimed atomically, so each run has its own;
     - a training run's folder given with ``hydra.run.dir`` / ``hydra.sweep.dir`` that holds another run's
-      checkpoints is refused, unless the run resumes from a checkpoint in it.
+      checkpoints is refused, unless the run resumes from a checkpoint in it; so is one that another
+      running training process holds (its ``.rnnlm.lock`` names a live process).
+
+    The processes of one distributed job share their folder: those started by Lightning for DDP, or
+    together by ``srun`` / ``torchrun`` (which need ``hydra.run.dir`` set, as the clock differs between
+    them), are left alone.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
@@ -25,12 +32,19 @@ class OwnRunFolder(Callback):
         _own_folder(config, "sweep")
 
 
+def _one_of_many_processes() -> bool:
+    return "LOCAL_RANK" in os.environ or any(int(os.environ.get(k) or 1) > 1 for k in ("WORLD_SIZE", "SLURM_NTASKS"))
+
+
 def _own_folder(config: DictConfig, kind: str) -> None:
+    if _one_of_many_processes():
+        return
     key = f"hydra.{kind}.dir"
     folder = Path(OmegaConf.select(config, key))  # resolves the clock once
     if any(o.split("=", 1)[0].lstrip("+") == key for o in config.hydra.overrides.hydra):
         if config.get("task_name") == "train":
             _refuse_another_runs_folder(folder, key, config.get("ckpt_path"))
+            _hold(folder, key)
         return
     claimed, n = folder, 0
     while True:
@@ -50,8 +64,39 @@ def _refuse_another_runs_folder(folder: Path, key: str, ckpt_path: str | None) -
         return
     if ckpt_path and folder.resolve() in Path(ckpt_path).expanduser().resolve().parents:
         return  # resuming the run that lives there
-    # A one-line error and exit status 2, as for every mistake: this runs before the command's own
-    # error handling, inside Hydra.
-    print(f"error: {key}={folder} holds another run's checkpoints ({found[0]}): choose a new folder, leave {key} "
-          f"out for a fresh one, or resume that run with ckpt_path={found[-1]}", file=sys.stderr)
+    _refuse(f"{key}={folder} holds another run's checkpoints ({found[0]}): choose a new folder, leave {key} out "
+            f"for a fresh one, or resume that run with ckpt_path={found[-1]}")
+
+
+def _hold(folder: Path, key: str) -> None:
+    """Mark ``folder`` as this process's until it exits; refuse it if a live process holds it already."""
+    lock = folder / ".rnnlm.lock"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        holder = lock.read_text().strip()
+        if holder.isdigit() and _alive(int(holder)):
+            _refuse(f"{key}={folder} is in use by another run (process {holder}): choose another folder, or leave "
+                    f"{key} out for a fresh one")
+        fd = os.open(lock, os.O_TRUNC | os.O_WRONLY)  # left by a run that has ended
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    atexit.register(lambda: lock.unlink(missing_ok=True))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _refuse(message: str) -> None:
+    # One line and exit status 2, as for every mistake: this runs inside Hydra, before the command's own
+    # error handling.
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
