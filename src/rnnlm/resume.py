@@ -133,7 +133,6 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
         if not path.is_file():
             raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist: give RUN/checkpoints/last.ckpt or last")
     checkpoint = read_checkpoint(path, mmap=True)  # a bad checkpoint fails here, before any work
-    log.info("Resuming %s", describe(path, checkpoint))
     trained = saved_config(path, checkpoint, cfg)
     result = cfg if trained is None or overrides is None else trained
     if trained is not None:
@@ -146,6 +145,7 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
                 changed = [k for k in diffs if _under(k, [key])]
                 for target in changed if key in PRESETS else [key] if changed else []:
                     _assign(result, target, OmegaConf.select(cfg, target, default=_ABSENT))
+    log.info("Resuming %s", describe(path, checkpoint))
     result = result.copy()
     result.ckpt_path = str(path)
     OmegaConf.set_struct(result, True)
