@@ -6,7 +6,9 @@ reports the median tokens/s of its training steps (forward, backward, clipping, 
 leaving out the first ``--warmup`` steps; rnnlm also reports its wall-clock rate, which adds data
 loading, logging and Lightning's hooks between steps.
 
-    python benchmarks/train_speed.py            # LSTM 2x200, seq 35, batch 20 on PTB (../shared/data)
+    python benchmarks/train_speed.py                        # PTB word LSTM 2x200, seq 35, batch 20, SGD
+    python benchmarks/train_speed.py --config char512       # tiny Shakespeare char LSTM 2x512, seq 128, batch 64, Adam
+    python benchmarks/train_speed.py --config char64        # char LSTM 1x64: per-step costs show most
     python benchmarks/train_speed.py --device cuda --size 650
 """
 
@@ -49,13 +51,26 @@ class StepTimer(L.Callback):
         self.tokens += batch[1].numel()
 
 
+# The configurations compared; a flag given on the command line wins over its preset.
+PRESETS = {
+    "ptb": dict(corpus="ptb", level="word", emsize=200, size=200, layers=2, seq_len=35, batch_size=20,
+                optimizer="sgd", lr=20.0, clip=0.25, dropout=0.2, steps=300),
+    "char512": dict(corpus="tinyshakespeare", level="char", emsize=128, size=512, layers=2, seq_len=128, batch_size=64,
+                    optimizer="adam", lr=2e-3, clip=5.0, dropout=0.2, steps=60),
+    "char64": dict(corpus="tinyshakespeare", level="char", emsize=64, size=64, layers=1, seq_len=64, batch_size=32,
+                   optimizer="adam", lr=2e-3, clip=5.0, dropout=0.0, steps=400),
+}
+CORPUS_FILES = {"ptb": [f"ptb/ptb.{s}.txt" for s in ("train", "valid", "test")],
+                "tinyshakespeare": ["tinyshakespeare/input.txt"]}
+
+
 def run_raw(args) -> float:
-    ptb = args.data_dir / "ptb"
-    cmd = [sys.executable, str(args.raw), "--data", *(str(ptb / f"ptb.{s}.txt") for s in ("train", "valid", "test")),
-           "--level", "word", "--model", args.model, "--emsize", str(args.size), "--nhid", str(args.size),
-           "--nlayers", "2", "--bptt", str(args.seq_len), "--batch-size", str(args.batch_size), "--lr", "20",
-           "--clip", "0.25", "--dropout", "0.2", "--max-steps", str(args.steps), "--warmup-steps", str(args.warmup),
-           "--no-eval", "--device", args.device]
+    cmd = [sys.executable, str(args.raw), "--data", *(str(args.data_dir / f) for f in CORPUS_FILES[args.corpus]),
+           "--level", args.level, "--model", args.model, "--emsize", str(args.emsize), "--nhid", str(args.size),
+           "--nlayers", str(args.layers), "--bptt", str(args.seq_len), "--batch-size", str(args.batch_size),
+           "--optimizer", args.optimizer, "--lr", str(args.lr), "--clip", str(args.clip), "--dropout",
+           str(args.dropout), "--max-steps", str(args.steps), "--warmup-steps", str(args.warmup), "--no-eval",
+           "--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["train_tok_per_s_median"]
 
@@ -63,10 +78,11 @@ def run_raw(args) -> float:
 def run_rnnlm(args, out_dir: Path) -> tuple[float, float]:
     """Median step rate and wall-clock rate of rnnlm on the same settings (no validation)."""
     overrides = [
-        f"model={args.model}", "data=word", "data.corpus=ptb", f"paths.data_dir={args.data_dir}",
-        f"paths.cache_dir={out_dir / 'cache'}", f"model.embedding_dim={args.size}", f"model.hidden_size={args.size}",
-        "model.num_layers=2", "model.dropout=0.2", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
-        "optimizer=sgd", "optimizer.lr=20", "scheduler=none", "trainer.gradient_clip_val=0.25",
+        f"model={args.model}", f"data={args.level}", f"data.corpus={args.corpus}", f"paths.data_dir={args.data_dir}",
+        f"paths.cache_dir={out_dir / 'cache'}", f"model.embedding_dim={args.emsize}", f"model.hidden_size={args.size}",
+        f"model.num_layers={args.layers}", f"model.dropout={args.dropout}", f"data.seq_len={args.seq_len}",
+        f"data.batch_size={args.batch_size}", f"optimizer={args.optimizer}", f"optimizer.lr={args.lr}",
+        "scheduler=none", f"trainer.gradient_clip_val={args.clip}",
         f"trainer.max_steps={args.steps}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "test=false", "~callbacks.text_samples",
         "~callbacks.progress_bar",
@@ -86,16 +102,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", type=Path, default=shared / "bench" / "raw_lm.py")
     parser.add_argument("--data-dir", type=Path, default=shared / "data", help="holds ptb/ptb.{train,valid,test}.txt")
+    parser.add_argument("--config", default="ptb", choices=sorted(PRESETS))
     parser.add_argument("--model", default="lstm", choices=["rnn", "lstm", "gru"])
-    parser.add_argument("--size", type=int, default=200, help="embedding and hidden size")
-    parser.add_argument("--seq-len", type=int, default=35)
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--size", type=int, help="hidden size (ptb: also the embedding size)")
+    parser.add_argument("--emsize", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the medians")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     args = parser.parse_args()
+    preset = dict(PRESETS[args.config])
+    if args.config == "ptb" and args.size and not args.emsize:
+        args.emsize = args.size
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
     raw, ours, wall = [], [], []
@@ -107,9 +132,10 @@ def main() -> None:
         print(f"round {round_}: raw_lm {raw[-1]:,.0f} tok/s | rnnlm {ours[-1]:,.0f} tok/s (steps), "
               f"{wall[-1]:,.0f} tok/s (wall)", flush=True)
     r, o, w = statistics.median(raw), statistics.median(ours), statistics.median(wall)
-    print(f"\nPTB word {args.model} 2x{args.size}, seq {args.seq_len}, batch {args.batch_size}, {args.steps} steps, "
-          f"{args.device},"
-          f" torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.rounds} rounds")
+    print(f"\n{args.corpus} {args.level} {args.model} {args.layers}x{args.size} (emb {args.emsize}), "
+          f"seq {args.seq_len}, batch {args.batch_size}, {args.optimizer} lr {args.lr}, {args.steps} steps, "
+          f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"medians of {args.rounds} rounds")
     print(f"raw_lm.py        {r:>9,.0f} tok/s")
     print(f"rnnlm (steps)    {o:>9,.0f} tok/s   ratio to raw {o / r:.3f}")
     print(f"rnnlm (wall)     {w:>9,.0f} tok/s   ratio to raw {w / r:.3f}")

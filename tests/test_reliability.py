@@ -40,7 +40,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_cfg, tiny
     monkeypatch.setattr(RecurrentLM, "_step", diverging_step)
     cfg = make_cfg(f"data.path={tiny_corpus}", "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null",
                    "trainer.max_steps=20")
-    with pytest.raises(NonFiniteError, match=r"loss is nan at step 6: training stopped"):
+    with pytest.raises(NonFiniteError, match=r"loss became NaN or infinite at step 6: training stopped"):
         train(cfg)
     last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 4  # the checkpoint before the loss went bad

@@ -203,3 +203,36 @@ def test_a_checkpoint_of_the_previous_format_still_evaluates_and_resumes(make_cf
     metrics = train(make_cfg(f"data.path={tiny_corpus}", "test=false", "trainer.max_steps=5", f"ckpt_path={old}",
                              run_dir=tmp_path / "b"))
     assert _step_of(tmp_path / "b" / "checkpoints" / "last.ckpt") == 5 and math.isfinite(metrics["val/loss_best"])
+
+
+def test_divergence_between_logged_steps_is_still_caught(make_cfg, tiny_corpus, monkeypatch):
+    from rnnlm.module import RecurrentLM
+
+    step = RecurrentLM._step
+
+    def diverging_step(self, batch, stage):  # the loss turns NaN at the 3rd training step, and stays NaN
+        total, count = step(self, batch, stage)
+        return (total * float("nan"), count) if stage == "train" and self.trainer.global_step >= 2 else (total, count)
+
+    monkeypatch.setattr(RecurrentLM, "_step", diverging_step)
+    cfg = make_cfg(f"data.path={tiny_corpus}", "trainer.log_every_n_steps=5", "trainer.max_steps=20",
+                   "callbacks.model_checkpoint.every_n_train_steps=2")
+    with pytest.raises(NonFiniteError, match="became NaN or infinite at step 3: training stopped and the last good"):
+        train(cfg)
+    assert _step_of(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt") == 2  # the NaN weights never saved
+
+
+def test_tokens_seen_counts_every_step_though_read_back_rarely(make_cfg, tiny_corpus):
+    from rnnlm.callbacks import TokensPerSecond
+
+    counted = []
+
+    class CountTokens(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            counted.append(batch[1].numel())
+
+    cfg = make_cfg(f"data.path={tiny_corpus}", "trainer.log_every_n_steps=3", "trainer.max_steps=7",
+                   "~callbacks.tokens_per_second", "test=false")
+    speed = TokensPerSecond(window=4)
+    train(cfg, extra_callbacks=[CountTokens(), speed])
+    assert speed.seen == sum(counted) and len(counted) == 7

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from rnnlm.checkpoint import CONFIG_KEY, NonFiniteError, write_checkpoint
 from rnnlm.datamodule import IGNORE_INDEX
+from rnnlm.module import writes_logs
 from rnnlm.sampling import generate
 from rnnlm.vocab import loss_in_units
 
@@ -191,17 +192,18 @@ class SaveRunConfig(L.Callback):
 class ProgressLog(L.Callback):
     """One line in the log after each validation: step, validation metrics, training speed since the last
     line, elapsed time and the time left, so a run whose output goes to a file (``train.log``) shows its
-    progress. The speed counts ``train/tokens_seen`` (from :class:`TokensPerSecond`) over training time only."""
+    progress. The speed counts the tokens of :class:`TokensPerSecond` over training time only."""
 
     def __init__(self):
         self._started = self._training_since = time.monotonic()
         self._first_step, self._training_s, self._seen = 0, 0.0, 0.0
+        self._counter: TokensPerSecond | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._started = self._training_since = time.monotonic()
         self._first_step = trainer.global_step
-        counters = [c for c in trainer.callbacks if isinstance(c, TokensPerSecond)]
-        self._seen = float(counters[0].seen) if counters else 0.0  # a resumed run has counted tokens already
+        self._counter = next((c for c in trainer.callbacks if isinstance(c, TokensPerSecond)), None)
+        self._seen = float(self._counter.seen) if self._counter else 0.0  # a resumed run has counted some already
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
@@ -215,7 +217,7 @@ class ProgressLog(L.Callback):
         metrics, step, total = trainer.callback_metrics, trainer.global_step, trainer.estimated_stepping_batches
         parts = [f"step {step:,}" + (f"/{total:,}" if math.isfinite(total) else ""), f"epoch {trainer.current_epoch}"]
         parts += [f"{k} {float(metrics[k]):.4f}" for k in ("val/loss", "val/ppl", "val/bpc") if k in metrics]
-        seen = float(metrics.get("train/tokens_seen", self._seen))
+        seen = float(self._counter.seen) if self._counter else self._seen
         if seen > self._seen and self._training_s > 0:
             parts.append(f"{(seen - self._seen) / self._training_s:,.0f} tok/s")
         self._seen, self._training_s = seen, 0.0
@@ -236,43 +238,57 @@ class TokensPerSecond(L.Callback):
     ``train/tokens_seen`` (all tokens trained on so far, the x-axis of sweep reports).
 
     Wall time between batch ends counts everything a step costs (data, forward, backward, optimizer,
-    logging); validation time is left out.
+    logging); validation time is left out. Tokens are counted on the device and read back only when
+    a value is logged, so the host never waits for the GPU on other steps.
     """
 
     def __init__(self, window: int = 20):
         self.window = window
         self.rates: list[float] = []  # every logged rate, for the run summary
-        self.seen = 0  # tokens trained on since the run began (all processes)
+        self.seen = 0  # tokens trained on since the run began (all processes), up to the last read
+        self._world = 1
+        self._pending = 0  # tokens of the steps since the last read (a device tensor between reads)
         self._tokens = 0
         self._steps = 0
         self._since: float | None = None
 
     def state_dict(self) -> dict:
+        self._read()
         return {"seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.seen = state.get("seen", 0)
 
+    def _read(self) -> None:
+        if torch.is_tensor(self._pending):
+            tokens = int(self._pending) * self._world
+            self._tokens, self.seen, self._pending = self._tokens + tokens, self.seen + tokens, 0
+
     def _restart(self) -> None:
+        self._read()
         self._tokens, self._steps, self._since = 0, 0, time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._world = trainer.world_size
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._restart()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._read()
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._restart()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._since is None:
-            self._restart()
-            return
         _, targets = batch
-        tokens = int((targets != IGNORE_INDEX).sum()) * trainer.world_size
-        self._tokens += tokens
-        self.seen += tokens
-        pl_module.log("train/tokens_seen", float(self.seen), rank_zero_only=True)
+        self._pending = self._pending + (targets != IGNORE_INDEX).sum()
         self._steps += 1
-        if self._steps >= self.window:
+        full = self._steps >= self.window
+        if full or writes_logs(trainer):
+            self._read()
+            pl_module.log("train/tokens_seen", float(self.seen), rank_zero_only=True)
+        if full:
             rate = self._tokens / (time.perf_counter() - self._since)
             self.rates.append(rate)
             pl_module.log("train/tokens_per_s", rate, prog_bar=True, rank_zero_only=True)

@@ -19,6 +19,14 @@ RESUME_KEY = "rnnlm_resume"  # what only a resumed training run reads
 LEGACY_BEST_KEY = "best_val_loss"  # in the state dict of rnnlm 0.1's checkpoints
 
 
+def writes_logs(trainer: L.Trainer | None) -> bool:
+    """Whether Lightning writes this training step's logged metrics (every ``log_every_n_steps``): the
+    values are computed, and the host waits for them, only then. Per step, each ``self.log`` call costs
+    more than a small model's whole step."""
+    connector = getattr(trainer, "_logger_connector", None)  # Lightning's own rule, not a copy of it
+    return connector is None or connector.should_update_logs
+
+
 class RecurrentLM(L.LightningModule):
     """Owns the loss, the metrics, the optimizer and the hidden state carried between stream chunks.
 
@@ -69,6 +77,7 @@ class RecurrentLM(L.LightningModule):
         self._state: dict[str, State | None] = {"train": None, "val": None, "test": None}
         self._eval_sums = torch.zeros(2, dtype=torch.float64)  # summed loss (nats), scored tokens
         self.best_val_loss = math.inf  # saved with the resume state, so a resumed run remembers it
+        self._first_bad_step = torch.tensor(-1)  # the first training step whose loss was not finite
         self._new_lr = False
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -97,21 +106,39 @@ class RecurrentLM(L.LightningModule):
             self._state["train"] = None
         total, count = self._step(batch, "train")
         loss = total / count
-        if not torch.isfinite(loss):
-            raise NonFiniteError(
-                f"the training loss is {loss.item()} at step {self.trainer.global_step + 1}: training stopped and "
-                "the last checkpoint was kept; lower optimizer.lr or set trainer.gradient_clip_val"
-            )
-        self.log("train/loss", loss, prog_bar=True)
+        # Every step is checked, on the device: reading the loss back each step would make the host wait
+        # for the GPU. The first bad step is read back when metrics are written.
+        step = torch.tensor(self.global_step + 1, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_bad_step < 0)
+        self._first_bad_step = torch.where(bad, step, self._first_bad_step.to(loss.device))
+        if writes_logs(self._trainer):
+            self._raise_if_diverged()
+            self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def _raise_if_diverged(self) -> None:
+        bad_step = int(self._first_bad_step)
+        if bad_step >= 0:
+            raise NonFiniteError(
+                f"the training loss became NaN or infinite at step {bad_step}: training stopped and the last good "
+                "checkpoint was kept; lower optimizer.lr or set trainer.gradient_clip_val"
+            )
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not writes_logs(self._trainer):  # computed only for the steps whose metrics are written
+            return
         # Before clipping, so the curve shows what the clipping threshold is compared against.
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            self.log("train/grad_norm", norm)
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
         self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def on_train_end(self) -> None:
+        self._raise_if_diverged()
+
+    def on_validation_epoch_start(self) -> None:
+        self._raise_if_diverged()  # never validate, and so checkpoint, weights that diverged
+        self._eval_start("val")
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Stopping through should_stop (rather than letting max_steps end the loop) makes Lightning
@@ -140,9 +167,6 @@ class RecurrentLM(L.LightningModule):
         unit, value = loss_in_units(loss, self.vocab.level)
         self.log(f"{stage}/{unit}", value, sync_dist=True)
         return loss
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_start("val")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -181,6 +205,7 @@ class RecurrentLM(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._raise_if_diverged()  # the checkpoint would hold the weights of a diverged run
         # Plain data only, so a checkpoint loads with torch.load(weights_only=True) and needs no config.
         checkpoint[CHECKPOINT_KEY] = {
             "format": CHECKPOINT_FORMAT,
