@@ -78,6 +78,7 @@ class RecurrentLM(L.LightningModule):
         self._eval_sums = torch.zeros(2, dtype=torch.float64)  # summed loss (nats), scored tokens
         self.best_val_loss = math.inf  # saved with the resume state, so a resumed run remembers it
         self._first_bad_step = torch.tensor(-1)  # the first training step whose loss was not finite
+        self._device_step: Tensor | None = None  # the current training step, on the loss's device
         self._new_lr = False
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -108,9 +109,12 @@ class RecurrentLM(L.LightningModule):
         loss = total / count
         # Every step is checked, on the device: reading the loss back each step would make the host wait
         # for the GPU. The first bad step is read back when metrics are written.
-        step = torch.tensor(self.global_step + 1, device=loss.device)
+        if self._device_step is None:  # counted on the device too: making the number there each step would wait
+            self._device_step = torch.tensor(self.global_step, device=loss.device)
+            self._first_bad_step = self._first_bad_step.to(loss.device)
+        self._device_step += 1
         bad = ~torch.isfinite(loss.detach()) & (self._first_bad_step < 0)
-        self._first_bad_step = torch.where(bad, step, self._first_bad_step.to(loss.device))
+        self._first_bad_step = torch.where(bad, self._device_step, self._first_bad_step)
         if writes_logs(self._trainer):
             self._raise_if_diverged()
             self.log("train/loss", loss, prog_bar=True)
@@ -229,6 +233,7 @@ class RecurrentLM(L.LightningModule):
         return getattr(self.optimizer_factory, "keywords", {}).get("lr")
 
     def on_train_start(self) -> None:
+        self._device_step = None  # counted on from the (restored) global step
         # The restored optimizer state holds the learning rate the run had reached; a resume that asks
         # for another one (e.g. lower, after a divergence) gets it.
         if self._new_lr and self._configured_lr() is not None:
