@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rnnlm.checkpoint import load_checkpoint
@@ -205,3 +206,15 @@ def test_bidirectional_lm_scores_every_validation_token_once(make_cfg, tiny_corp
                                 "trainer.max_steps=2", "test=false", run_dir=tmp_path / "b"))
     # Windows of T+1 tokens overlap by one: scoring the shared token in both counted it twice.
     assert both_sides["val/tokens"] == causal["val/tokens"] > 0
+
+
+def test_the_progress_bar_draws_seldom_but_ends_on_the_true_count(make_cfg, tiny_corpus, monkeypatch):
+    from rnnlm.callbacks import ProgressBar
+
+    draws = []
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end",
+                        lambda self, trainer, module, outputs, batch, batch_idx: draws.append(batch_idx))
+    bar = ProgressBar(refresh_s=3600)  # after the first batch, only the epoch's end is drawn
+    train(make_cfg(f"data.path={tiny_corpus}", "trainer.max_steps=7", "~callbacks.progress_bar", "test=false"),
+          extra_callbacks=[bar])
+    assert draws == [0, 6]

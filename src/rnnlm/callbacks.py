@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -231,6 +231,48 @@ class ProgressLog(L.Callback):
 
 def _duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, redrawn at most every ``refresh_s`` seconds while training or
+    validating. Redrawn after every batch, as Lightning does, it costs 1-2 ms a step: as much as the
+    whole step of a small model (char LSTM 1x64 on a 2-core CPU) and idle time for a GPU."""
+
+    def __init__(self, refresh_s: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.refresh_s = refresh_s
+        self._next_draw = {"train": 0.0, "val": 0.0}
+        self._undrawn: tuple | None = None  # the last training batch not drawn yet
+
+    def _due(self, bar: str, batch_idx: int, total: float | int) -> bool:
+        now = time.monotonic()
+        if now < self._next_draw[bar] and batch_idx + 1 != total:
+            return False
+        self._next_draw[bar] = now + self.refresh_s
+        return True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._undrawn = (trainer, pl_module, outputs, batch, batch_idx)
+        if self._due("train", batch_idx, self.total_train_batches):
+            self._draw_undrawn()
+
+    def _draw_undrawn(self) -> None:
+        if self._undrawn is not None:
+            undrawn, self._undrawn = self._undrawn, None
+            super().on_train_batch_end(*undrawn)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if self._due("val", batch_idx, self.total_val_batches_current_dataloader):
+            super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._draw_undrawn()  # the bar shows where training stands while validation runs
+        super().on_validation_start(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._draw_undrawn()
+        super().on_train_epoch_end(trainer, pl_module)
 
 
 class TokensPerSecond(L.Callback):
