@@ -82,3 +82,28 @@ def make_cfg(tmp_path, shared_data, cache_dir):
         return compose_train(list(overrides), run_dir or tmp_path / "run", shared_data, cache_dir, tiny)
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def session_corpus(tmp_path_factory) -> Path:
+    """The tiny corpus, written once for the whole session."""
+    return write_tiny_corpus(tmp_path_factory.mktemp("session-corpus"))
+
+
+@pytest.fixture(scope="session")
+def train_tiny(tmp_path_factory, session_corpus, shared_data, cache_dir):
+    """``train_tiny(*overrides)`` -> the run folder of a tiny char model trained on the tiny corpus (TINY
+    sizes and ``data.path`` set, then ``overrides``). Each distinct set of overrides trains once per session."""
+    from rnnlm.train import train  # imports Lightning: only tests that train pay for it
+
+    root = tmp_path_factory.mktemp("tiny-runs")
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def _train(*overrides: str) -> Path:
+        if overrides not in runs:
+            run = root / f"run{len(runs)}"
+            train(compose_train([f"data.path={session_corpus}", *overrides], run, shared_data, cache_dir))
+            runs[overrides] = run
+        return runs[overrides]
+
+    return _train

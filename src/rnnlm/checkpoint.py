@@ -133,11 +133,11 @@ def resolve_checkpoint(ckpt_path: str | Path | None, log_dir: str | Path) -> Pat
 
 @dataclass
 class LoadedModel:
-    net: LanguageModel  # in eval mode, on map_location
+    net: LanguageModel  # in eval mode, in float32, every parameter and buffer on the device asked for
     vocab: Vocab
     info: dict  # the checkpoint's plain-data section, plus global_step and world_size
     data: dict  # the training data settings (TextDataModule arguments), {} if unknown
-    state_dict: dict  # the training module's state (the network under "net." and its buffers)
+    state_dict: dict  # the training module's state (the network under "net." and its buffers), on the CPU
 
     @property
     def module(self) -> RecurrentLM:
@@ -153,10 +153,16 @@ class LoadedModel:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
     """The network and vocabulary of checkpoint ``path``, rebuilt from the file alone.
 
+    Args:
+        map_location: the device the network is put on (``cpu``, ``cuda``, ``cuda:1``). The file is read
+            onto the CPU whatever device wrote it, and only the network moves: the optimizer's state and
+            the rest of a training checkpoint stay off the GPU. Weights saved in 16-bit (``trainer.precision=
+            bf16-true``) are loaded into float32; mixed-precision runs save float32 weights already.
+
     Raises:
         CheckpointError: see :func:`read_checkpoint`.
     """
-    data = read_checkpoint(path, map_location)
+    data = read_checkpoint(path, "cpu")
     info = dict(data[CHECKPOINT_KEY])
     info["global_step"] = data.get("global_step")
     info.setdefault("world_size", 1)

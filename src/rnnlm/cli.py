@@ -174,8 +174,16 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"device={name} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no GPU is available: use device=cpu or device=auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but no GPU is available: use device=cpu or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name} but this machine has {torch.cuda.device_count()} GPU(s): use "
+                              f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name} but MPS is not available: use device=cpu or device=auto")
+    elif device.type not in ("cpu", "mps"):
+        raise ConfigError(f"device={name} is not supported: use auto, cpu, cuda or cuda:N")
     return device
 
 

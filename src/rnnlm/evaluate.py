@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig
 
 from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
@@ -27,9 +28,9 @@ def evaluate(cfg: DictConfig) -> dict:
     """Token-weighted loss of the checkpoint on the chosen text, with the hidden state carried as in training."""
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split} must be one of {'|'.join(SPLITS)}")
-    device = pick_device(cfg.device)
+    accelerator, devices = trainer_device(pick_device(cfg.device))
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
-    loaded = load_checkpoint(ckpt_path)
+    loaded = load_checkpoint(ckpt_path)  # on the CPU: the Trainer moves the module to the device
     vocab, trained_on = loaded.vocab, loaded.data
     if cfg.data.path:
         source = path_source(Path(cfg.data.path).expanduser())
@@ -56,7 +57,7 @@ def evaluate(cfg: DictConfig) -> dict:
         dataset = StreamChunks(ids, batch_size, seq_len, split=split or "evaluation")
     else:
         dataset = Sentences(ids, vocab.line_end_id, vocab.start_id, None)  # whole lines: every token scored
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
     metrics = trainer.test(loaded.module, dataloaders=make_loader(dataset, batch_size), verbose=False)[0]
     loss = metrics["test/loss"]
@@ -73,6 +74,20 @@ def evaluate(cfg: DictConfig) -> dict:
     unit, value = loss_in_units(loss, vocab.level)
     result[unit] = value
     return result
+
+
+def trainer_device(device: torch.device) -> tuple[str, int | list[int]]:
+    """Lightning's ``accelerator`` and ``devices`` for ``device``: ``cuda:1`` is ``("gpu", [1])``, so the
+    GPU asked for is the one used (``devices=1`` would take the first).
+
+    Raises:
+        ConfigError: a device type Lightning cannot evaluate on.
+    """
+    if device.type == "cuda":
+        return "gpu", [device.index] if device.index is not None else 1
+    if device.type in ("cpu", "mps"):
+        return device.type, 1
+    raise ConfigError(f"device={device} cannot evaluate: use auto, cpu, cuda or cuda:N")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")

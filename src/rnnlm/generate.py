@@ -30,8 +30,10 @@ def generate_texts(cfg: DictConfig) -> list[str]:
     vocab = loaded.vocab
     ids = vocab.encode_text(prompt)
     stop_id = vocab.line_end_id if cfg.stop_at_eos else None
+    # The network is on `device` and the prompt goes to it; the random draws come from a CPU generator,
+    # so a seed gives the same text on the CPU and on a GPU (see rnnlm.sampling.next_tokens).
     new = generate(
-        loaded.net, torch.tensor([ids] * cfg.num_samples, device=device), cfg.max_new_tokens,
+        loaded.net, torch.tensor([ids] * cfg.num_samples), cfg.max_new_tokens,
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=cfg.greedy,
         generator=torch.Generator().manual_seed(cfg.seed), stop_id=stop_id,
     )

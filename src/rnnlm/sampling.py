@@ -115,12 +115,17 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
 
 def next_tokens(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, greedy: bool,
                 generator: torch.Generator | None) -> Tensor:
-    """Pick one token per row of logits (B, V) -> (B,). Sampling draws on the CPU generator, so a
-    seed gives the same text on any device."""
+    """Pick one token per row of logits (B, V) -> (B,), on the logits' device.
+
+    Sampling draws where ``generator`` lives: a CPU generator (as ``rnnlm-generate`` and the training
+    samples use) gives the same text from a seed whether the model runs on the CPU or a GPU; a CUDA
+    generator samples on its GPU. Without one, the CPU's global generator draws.
+    """
     if greedy:
         return logits.argmax(-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+    where = generator.device if generator is not None else torch.device("cpu")
+    return torch.multinomial(probs.to(where), 1, generator=generator).squeeze(1).to(logits.device)
 
 
 @torch.no_grad()
@@ -135,14 +140,17 @@ def generate(
     generator: torch.Generator | None = None,
     stop_id: int | None = None,
 ) -> Tensor:
-    """Continue every row of ``prompt`` (B, P) by up to ``max_new_tokens`` ids -> (B, N).
+    """Continue every row of ``prompt`` (B, P) by up to ``max_new_tokens`` ids -> (B, N), on the prompt's device.
 
-    The prompt is read once by the fused kernel; each new token costs one :class:`Stepper` step.
-    With ``stop_id``, generation ends once every row has produced it (later positions of rows that
-    stopped early repeat ``stop_id``).
+    The prompt is read once by the fused kernel; each new token costs one :class:`Stepper` step. Both run
+    where the network's weights are (the prompt is moved there); see :func:`next_tokens` for where
+    sampling draws. With ``stop_id``, generation ends once every row has produced it (later positions of
+    rows that stopped early repeat ``stop_id``).
     """
     was_training = net.training
     net.eval()
+    given_on = prompt.device
+    prompt = prompt.to(net.decoder.weight.device)
     try:
         logits, state = net(prompt)
         logits = logits[:, -1]
@@ -159,6 +167,6 @@ def generate(
             if len(new) == max_new_tokens or (stop_id is not None and bool(done.all())):
                 break
             logits, layers = stepper.step(token, layers)
-        return torch.stack(new, 1) if new else prompt.new_zeros(prompt.size(0), 0)
+        return (torch.stack(new, 1) if new else prompt.new_zeros(prompt.size(0), 0)).to(given_on)
     finally:
         net.train(was_training)

@@ -21,11 +21,13 @@ from rnnlm.vocab import Vocab
 
 
 @torch.no_grad()
-def sentence_logprobs(net: LanguageModel, vocab: Vocab, texts: list[str], batch_size: int = 64,
-                      device: torch.device | str = "cpu") -> list[tuple[float, int]]:
+def sentence_logprobs(net: LanguageModel, vocab: Vocab, texts: list[str],
+                      batch_size: int = 64) -> list[tuple[float, int]]:
     """Log-probability (nats) of each whole text as a line — its tokens and the line end — and how many
-    tokens that counts. Texts are scored ``batch_size`` at a time, right-padded (padding is not scored)."""
+    tokens that counts. Texts are scored ``batch_size`` at a time, right-padded (padding is not scored),
+    on the device of the network's weights."""
     net.eval()
+    device = _device_of(net)
     results = []
     for start in range(0, len(texts), batch_size):
         examples = []
@@ -39,6 +41,11 @@ def sentence_logprobs(net: LanguageModel, vocab: Vocab, texts: list[str], batch_
         counts = (targets != IGNORE_INDEX).sum(1)
         results += [(-float(n), int(c)) for n, c in zip(nll.sum(1).tolist(), counts.tolist(), strict=True)]
     return results
+
+
+def _device_of(net: LanguageModel) -> torch.device:
+    """Where the network's weights are: the inputs are made there."""
+    return net.decoder.weight.device
 
 
 def _check_one_blank(text: str, blank: str, fix: str) -> None:
@@ -72,8 +79,8 @@ def _known(vocab: Vocab, candidates: list[str], single_token: bool = False) -> l
     return known
 
 
-def rank_candidates(net: LanguageModel, vocab: Vocab, text: str, candidates: list[str], blank: str = "___",
-                    device: torch.device | str = "cpu") -> list[tuple[str, float, int]]:
+def rank_candidates(net: LanguageModel, vocab: Vocab, text: str, candidates: list[str],
+                    blank: str = "___") -> list[tuple[str, float, int]]:
     """``(candidate, log-probability, tokens)`` of the text with its blank filled by each candidate, best first.
 
     Only candidates inside the vocabulary are ranked (see :func:`unknown_candidates` for the others).
@@ -83,16 +90,16 @@ def rank_candidates(net: LanguageModel, vocab: Vocab, text: str, candidates: lis
     """
     _check_one_blank(text, blank, "write it where the candidates go (or set blank=...)")
     known = _known(vocab, candidates)
-    scores = sentence_logprobs(net, vocab, [text.replace(blank, c) for c in known], device=device)
+    scores = sentence_logprobs(net, vocab, [text.replace(blank, c) for c in known])
     ranked = [(c, lp, n) for c, (lp, n) in zip(known, scores, strict=True)]
     return sorted(ranked, key=lambda row: -row[1])
 
 
 @torch.no_grad()
-def fill_blank(net: LanguageModel, vocab: Vocab, text: str, blank: str = "___",
-               device: torch.device | str = "cpu") -> Tensor:
+def fill_blank(net: LanguageModel, vocab: Vocab, text: str, blank: str = "___") -> Tensor:
     """Log-probabilities (V,) of every token in the blank of ``text``, from a bidirectional model:
-    it reads the words (or characters) on both sides, never the blank itself."""
+    it reads the words (or characters) on both sides, never the blank itself. Computed where the
+    network's weights are, returned on the CPU."""
     if not net.bidirectional:
         raise ConfigError("filling a blank from both sides needs a bidirectional model (task=bilm); "
                           "give candidates=[...] to rank them with this model")
@@ -100,7 +107,7 @@ def fill_blank(net: LanguageModel, vocab: Vocab, text: str, blank: str = "___",
     before, after = text.split(blank)
     left = vocab.encode_text(before)  # <start> and the tokens before the blank
     ids = [*left, 0, *vocab.encode_text(after)[1:], vocab.line_end_id]  # the blank's id (0) is never read
-    logits, _ = net.eval()(torch.tensor([ids], device=device))
+    logits, _ = net.eval()(torch.tensor([ids], device=_device_of(net)))
     return logits[0, len(left)].float().log_softmax(-1).cpu()
 
 
@@ -117,13 +124,12 @@ def _hydra_main(cfg: DictConfig) -> None:
     if (cfg.text is None) == (cfg.text_file is None):
         raise ConfigError("give text=... (with candidates=[...] to fill a blank) or text_file=FILE, one of the two")
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
-    device = pick_device(cfg.device)
-    loaded = load_checkpoint(ckpt_path, map_location=device)
+    loaded = load_checkpoint(ckpt_path, map_location=pick_device(cfg.device))  # the inputs follow the network
     net, vocab = loaded.net, loaded.vocab
     if net.bidirectional:
         if cfg.text is None:
             raise ConfigError("a bidirectional model scores blanks only: give text='... ___ ...'")
-        log_probs = fill_blank(net, vocab, cfg.text, cfg.blank, device)
+        log_probs = fill_blank(net, vocab, cfg.text, cfg.blank)
         unknown = []
         if cfg.candidates:
             rows = rank_fillers(log_probs, vocab, list(cfg.candidates))
@@ -138,7 +144,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         _print_unknown(unknown, "not one token of the model's vocabulary")
         return
     if cfg.text is not None and (cfg.candidates or cfg.blank in cfg.text):
-        ranked = rank_candidates(net, vocab, cfg.text, list(cfg.candidates), cfg.blank, device)
+        ranked = rank_candidates(net, vocab, cfg.text, list(cfg.candidates), cfg.blank)
         print("rank\tlogprob\tppl\tcandidate")
         for rank, (cand, lp, n) in enumerate(ranked, 1):
             print(f"{rank}\t{lp:.3f}\t{math.exp(-lp / n):.2f}\t{cand}")
@@ -151,7 +157,7 @@ def _hydra_main(cfg: DictConfig) -> None:
             raise ConfigError(f"text_file={cfg.text_file} does not exist")
         lines = [line for line in read_lines(Path(cfg.text_file)) if line.strip()]
     print("logprob\tppl\ttokens\ttext")
-    for line, (lp, n) in zip(lines, sentence_logprobs(net, vocab, lines, cfg.batch_size, device), strict=True):
+    for line, (lp, n) in zip(lines, sentence_logprobs(net, vocab, lines, cfg.batch_size), strict=True):
         print(f"{lp:.3f}\t{math.exp(-lp / n):.2f}\t{n}\t{line}")
 
 

@@ -1,0 +1,145 @@
+"""Where inference runs: generate, eval and score put the network and everything it reads on the device asked
+for (``device=auto|cpu|cuda|cuda:N``; auto is a GPU when there is one), 16-bit checkpoints load and run,
+and a device that cannot be used costs one line. On the CPU; tests/test_gpu.py runs the same on a GPU."""
+
+import os
+import subprocess
+import sys
+
+import lightning
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO
+from rnnlm import evaluate as evaluate_module
+from rnnlm import generate as generate_module
+from rnnlm import score as score_module
+from rnnlm.checkpoint import load_checkpoint
+from rnnlm.checks import ConfigError
+from rnnlm.cli import CONF_DIR, pick_device
+from rnnlm.evaluate import evaluate, trainer_device
+from rnnlm.generate import generate_texts
+from rnnlm.sampling import Stepper, generate
+from rnnlm.score import sentence_logprobs
+
+TINY_RUN = ("test=false", "logger=csv")
+
+
+@pytest.fixture(scope="module")
+def ckpt(train_tiny):
+    return train_tiny(*TINY_RUN) / "checkpoints" / "last.ckpt"
+
+
+def _config(name: str, *overrides: str, shared_data=None, cache_dir=None):
+    paths = [f"paths.data_dir={shared_data}", f"paths.cache_dir={cache_dir}"] if shared_data else []
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=[*paths, *overrides])
+
+
+def _placement(net: torch.nn.Module) -> set[tuple[str, torch.dtype]]:
+    return {(t.device.type, t.dtype) for t in [*net.parameters(), *net.buffers()]}
+
+
+def test_a_loaded_network_is_on_the_device_asked_for(ckpt):
+    for device in ("cpu", torch.device("cpu")):
+        loaded = load_checkpoint(ckpt, map_location=device)
+        assert _placement(loaded.net) == {("cpu", torch.float32)} and not loaded.net.training
+    # The network moves as it would to a GPU (before the fix it stayed where it was built, on the CPU) ...
+    loaded = load_checkpoint(ckpt, map_location="meta")
+    assert _placement(loaded.net) == {("meta", torch.float32)}
+    # ... and generation runs there: the prompt, the stepper's weights and the carried state all on it
+    new = generate(loaded.net, torch.zeros(3, 2, dtype=torch.long, device="meta"), 5, greedy=True)
+    assert new.shape == (3, 5) and new.device.type == "meta"
+    assert {w.device.type for layer in Stepper(loaded.net).layers for w in layer} == {"meta"}
+    # the rest of the training checkpoint (optimizer, weights for eval's Trainer) stays off the device
+    assert {v.device.type for v in loaded.state_dict.values()} == {"cpu"}
+
+
+def test_auto_is_the_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolved only: nothing is moved
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto") == torch.device("cuda")
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    assert pick_device("cpu") == torch.device("cpu")  # the CPU on a GPU machine, when asked for
+    # eval hands the device to Lightning: cuda:1 must be GPU 1, not "one GPU" (the first)
+    assert trainer_device(torch.device("cuda")) == ("gpu", 1)
+    assert trainer_device(torch.device("cuda:1")) == ("gpu", [1])
+    assert trainer_device(torch.device("cpu")) == ("cpu", 1)
+    with pytest.raises(ConfigError, match="device=meta cannot evaluate: use auto, cpu, cuda or cuda:N"):
+        trainer_device(torch.device("meta"))
+
+
+@pytest.mark.parametrize("device,expected", [("auto", "cuda"), ("cuda:1", "cuda:1"), ("cpu", "cpu")])
+def test_each_command_puts_the_model_on_the_device_asked_for(device, expected, ckpt, monkeypatch, capsys,
+                                                             shared_data, cache_dir):
+    """On a (pretended) two-GPU machine: the device reaches the model; the work itself is done on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    asked = []
+
+    def load_on_cpu(path, map_location="cpu"):
+        asked.append(torch.device(map_location))
+        return load_checkpoint(path, "cpu")
+
+    monkeypatch.setattr(generate_module, "load_checkpoint", load_on_cpu)
+    monkeypatch.setattr(score_module, "load_checkpoint", load_on_cpu)
+    [text] = generate_texts(_config("generate", f"ckpt_path={ckpt}", "prompt=the", "max_new_tokens=4",
+                                    f"device={device}"))
+    assert len(text) == 3 + 4
+    score_module._hydra_main(_config("score", f"ckpt_path={ckpt}", "text=the quick ___", "candidates=[fox,dog]",
+                                     f"device={device}"))
+    assert "fox" in capsys.readouterr().out
+    assert asked == [torch.device(expected)] * 2
+
+    real_trainer, given = lightning.Trainer, []
+
+    def trainer_on_cpu(**kwargs):
+        given.append((kwargs["accelerator"], kwargs["devices"]))
+        return real_trainer(**{**kwargs, "accelerator": "cpu", "devices": 1})
+
+    monkeypatch.setattr(lightning, "Trainer", trainer_on_cpu)
+    result = evaluate(_config("eval", f"ckpt_path={ckpt}", "split=valid", f"device={device}",
+                              shared_data=shared_data, cache_dir=cache_dir))
+    assert result["tokens"] > 0
+    assert given == [trainer_device(torch.device(expected))]
+
+
+def test_16_bit_checkpoints_load_in_float32_and_run(train_tiny, tmp_path, shared_data, cache_dir):
+    mixed = train_tiny(*TINY_RUN, "trainer.precision=bf16-mixed") / "checkpoints" / "last.ckpt"
+    raw = torch.load(mixed, weights_only=True)
+    assert {v.dtype for v in raw["state_dict"].values()} == {torch.float32}  # mixed precision keeps float32 weights
+    half = tmp_path / "bf16-weights.ckpt"  # as trainer.precision=bf16-true saves them
+    raw["state_dict"] = {k: v.to(torch.bfloat16) for k, v in raw["state_dict"].items()}
+    torch.save(raw, half)
+    for path in (mixed, half):
+        loaded = load_checkpoint(path, "cpu")
+        assert _placement(loaded.net) == {("cpu", torch.float32)}
+        [text] = generate_texts(_config("generate", f"ckpt_path={path}", "prompt=the", "max_new_tokens=8",
+                                        "greedy=true", "device=cpu"))
+        assert text.startswith("the") and len(text) == 3 + 8
+        [(logprob, tokens)] = sentence_logprobs(loaded.net, loaded.vocab, ["the quick brown fox"])
+        assert tokens == 20 and -100 < logprob < 0
+    result = evaluate(_config("eval", f"ckpt_path={half}", "split=valid", "device=cpu", shared_data=shared_data,
+                              cache_dir=cache_dir))  # eval builds the training module: it takes them too
+    assert 0 < result["loss"] < 10
+
+
+def test_a_device_that_cannot_be_used_is_one_error_line(ckpt, tmp_path, capsys, monkeypatch):
+    result = subprocess.run([sys.executable, str(REPO / "src" / "generate.py"), f"ckpt_path={ckpt}", "device=gpu"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == ["error: device=gpu is not a device: use auto, cpu, cuda or cuda:N"]
+    # the other commands, in this process, through the same one-line exit
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command, name, args in [(score_module, "score", ["text=the fox"]),
+                                (evaluate_module, "eval", [f"output={tmp_path / 'metrics.json'}"])]:
+        with pytest.raises(SystemExit) as exit_:
+            command._hydra_main(_config(name, f"ckpt_path={ckpt}", "device=cuda", *args))
+        assert exit_.value.code == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line == "error: device=cuda but no GPU is available: use device=cpu or device=auto"
+    with pytest.raises(ConfigError, match="device=meta"):
+        evaluate(_config("eval", f"ckpt_path={ckpt}", "device=meta"))
