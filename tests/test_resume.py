@@ -236,3 +236,17 @@ def test_tokens_seen_counts_every_step_though_read_back_rarely(make_cfg, tiny_co
     speed = TokensPerSecond(window=4)
     train(cfg, extra_callbacks=[CountTokens(), speed])
     assert speed.seen == sum(counted) and len(counted) == 7
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(make_cfg, tiny_corpus, tmp_path):
+    train(make_cfg(f"data.path={tiny_corpus}", "test=false", "trainer.max_steps=3", run_dir=tmp_path / "a"))
+    data = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    del data["rnnlm_config"]["model"]["cuda_graph"]  # the setting came after the run
+    old = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    old.parent.mkdir(parents=True)
+    torch.save(data, old)
+    typed = [f"ckpt_path={old}", "trainer.max_steps=5"]
+    cfg = resume_config(make_cfg(*typed, run_dir=tmp_path / "b"), typed)
+    assert cfg.model.cuda_graph is False
+    train(cfg, overrides=typed)
+    assert _step_of(tmp_path / "b" / "checkpoints" / "last.ckpt") == 5

@@ -29,6 +29,8 @@ from rnnlm.vocab import loss_in_units
 
 log = logging.getLogger(__name__)
 
+DECIDE_EVERY_N_STEPS = 10  # distributed runs agree this often whether a signal or the clock asks to save
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, through :func:`rnnlm.checkpoint.write_checkpoint` (atomic, finite only)."""
@@ -52,7 +54,8 @@ class RunCheckpoints(ModelCheckpoint):
     ``last.ckpt`` is written after every validation, every ``every_n_train_steps`` optimizer steps, every
     ``every_n_minutes`` of training, at the end, and when the process is asked to stop: on SIGINT
     (Ctrl-C) or SIGTERM (``kill``, SLURM) the current step finishes, ``last.ckpt`` is written and
-    :class:`TrainingInterrupted` ends the run; a second Ctrl-C stops at once. All of these saves are
+    :class:`TrainingInterrupted` ends the run (with several processes, at the next step that is a multiple of
+    ``DECIDE_EVERY_N_STEPS``); a second Ctrl-C stops at once. All of these saves are
     taken between steps, so a run resumed from any of them continues exactly.
 
     A run resumed into a new folder takes a copy of the old run's ``best.ckpt`` and its score, so its
@@ -125,9 +128,13 @@ class RunCheckpoints(ModelCheckpoint):
         by_steps = bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0
         by_time = self.every_n_seconds is not None and time.monotonic() - self._saved_at >= self.every_n_seconds
         stop = self.stop_signal is not None
-        if trainer.world_size > 1:  # clocks and signals differ between processes: any one decides for all
-            flags = torch.tensor([by_time, stop], dtype=torch.float32, device=pl_module.device)
-            by_time, stop = (trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
+        if trainer.world_size > 1:  # clocks and signals differ between processes: any one decides for all,
+            # every few steps, as agreeing makes every process wait for the slowest
+            if step % DECIDE_EVERY_N_STEPS:
+                by_time = stop = False  # decided at a later step (the signal and the clock stay as they are)
+            else:
+                flags = torch.tensor([by_time, stop], dtype=torch.float32, device=pl_module.device)
+                by_time, stop = (trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
         if by_steps or by_time or stop:
             self._save_last(trainer)
         if stop:

@@ -94,12 +94,33 @@ def check_train_config(cfg: DictConfig) -> None:
     if str(cfg.trainer.accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append(f"trainer.accelerator={cfg.trainer.accelerator} but no GPU is available: use trainer=cpu, "
                         "or trainer=default (a GPU when there is one)")
+    if model.get("cuda_graph"):
+        problems += _cuda_graph_problems(cfg)
     for flag, callback in (("enable_progress_bar", "progress_bar"), ("enable_model_summary", "model_summary")):
         if cfg.trainer[flag] is False and callback in cfg.callbacks:  # Lightning refuses the pair
             problems.append(f"trainer.{flag}=false: also remove the callback with ~callbacks.{callback}")
     if problems:
         raise ConfigError("; ".join(problems))
     _check_memory(cfg, 0, "the recurrent layers alone")  # the vocabulary's share is known later
+
+
+def _cuda_graph_problems(cfg: DictConfig) -> list[str]:
+    trainer, problems = cfg.trainer, []
+    accelerator = str(trainer.accelerator).lower()
+    if accelerator not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
+        problems.append("model.cuda_graph=true needs a CUDA GPU: add trainer=gpu on a machine with one, or drop it")
+    if str(trainer.precision) not in ("32-true", "32", "bf16-mixed", "bf16-true"):
+        problems.append(f"model.cuda_graph=true works with trainer.precision=32-true or bf16-mixed, not "
+                        f"{trainer.precision} (its loss scaler checks for overflow on the host every step)")
+    if trainer.accumulate_grad_batches != 1:
+        problems.append("model.cuda_graph=true takes one optimizer step per batch: "
+                        "set trainer.accumulate_grad_batches=1")
+    if trainer.devices not in (1, "1", [0]) or trainer.get("num_nodes", 1) != 1:
+        problems.append("model.cuda_graph=true trains on one GPU: set trainer.devices=1 (or drop model.cuda_graph "
+                        "for multi-GPU training)")
+    if trainer.gradient_clip_algorithm not in ("norm", "value"):
+        problems.append(f"trainer.gradient_clip_algorithm={trainer.gradient_clip_algorithm} must be norm or value")
+    return problems
 
 
 def check_model_memory(cfg: DictConfig, vocab_size: int) -> None:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from rnnlm.backbone import State, detach_state
 from rnnlm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, NonFiniteError
+from rnnlm.cuda_graph import GraphedStep
 from rnnlm.datamodule import IGNORE_INDEX
 from rnnlm.network import LanguageModel, sequence_loss
 from rnnlm.vocab import Vocab, loss_in_units
@@ -37,6 +38,9 @@ class RecurrentLM(L.LightningModule):
             model reads every chunk on its own.
         compile: run the recurrent stacks through ``torch.compile`` (worth it for ``impl=scratch``;
             the first step compiles, which takes tens of seconds).
+        cuda_graph: record the training step's forward, backward and clipping as a CUDA graph and replay
+            it (:mod:`rnnlm.cuda_graph`); the module then clips, with ``gradient_clip_val`` and
+            ``gradient_clip_algorithm`` (Lightning clips only steps it runs itself).
         optimizer: ``params -> Optimizer`` (a Hydra partial).
         scheduler: ``optimizer -> LRScheduler`` (a Hydra partial), stepped per epoch on ``val/loss``.
         Other arguments: see :class:`LanguageModel`.
@@ -57,6 +61,7 @@ class RecurrentLM(L.LightningModule):
         impl: str = "fused",
         reset_after: bool = True,
         compile: bool = False,
+        cuda_graph: bool = False,
         init_all: bool = False,
         carry_state: bool = True,
         optimizer: Callable | None = None,
@@ -80,33 +85,48 @@ class RecurrentLM(L.LightningModule):
         self._first_bad_step = torch.tensor(-1)  # the first training step whose loss was not finite
         self._device_step: Tensor | None = None  # the current training step, on the loss's device
         self._new_lr = False
+        self.automatic_optimization = not cuda_graph
+        self.gradient_clip_val: float | None = None  # cuda_graph only; train.py passes the trainer's on
+        self.gradient_clip_algorithm = "norm"
+        self._graphed: GraphedStep | None = None
+        self._grad_norm: Tensor | None = None  # the graphed step's, before clipping
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         return self.net(tokens, state)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
-        inputs, targets = batch  # (B, T) each; targets[:, t] is the token after inputs[:, t]
+    def _forward_loss(self, inputs: Tensor, targets: Tensor,
+                      state: State | None) -> tuple[Tensor, Tensor, State | None]:
+        """Summed loss, scored tokens and the final state of one chunk; targets[:, t] follows inputs[:, t]."""
         if self.net.bidirectional:  # each target predicted from both sides of it
             # Row b of the window is inputs[b, 0] then the targets: T+1 tokens, so the targets' right
             # neighbours are in view. Window position 0 was the previous chunk's last target (or a row's
             # first token, never a target): scoring only positions 1..T counts every token once.
             window = torch.cat([inputs[:, :1], targets], 1)  # (B, T+1)
             logits, _ = self.net(window)
-            return sequence_loss(logits[:, 1:], targets, IGNORE_INDEX)
-        state = self._state[stage] if self.carry_state else None
-        if state is not None and _batch_rows(state) != inputs.size(0):
-            state = None
+            return *sequence_loss(logits[:, 1:], targets, IGNORE_INDEX), None
         logits, state = self.net(inputs, state)  # (B, T, V)
+        return *sequence_loss(logits, targets, IGNORE_INDEX), state
+
+    def _carried(self, stage: str, rows: int) -> State | None:
+        state = self._state[stage] if self.carry_state else None
+        return None if state is None or _batch_rows(state) != rows else state
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+        inputs, targets = batch  # (B, T) each
+        total, count, state = self._forward_loss(inputs, targets, self._carried(stage, inputs.size(0)))
         if self.carry_state:
             self._state[stage] = detach_state(state)
-        return sequence_loss(logits, targets, IGNORE_INDEX)
+        return total, count
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         if batch_idx == 0:  # a new pass over the stream starts from zeros (a resumed one from its checkpoint)
             self._state["train"] = None
-        total, count = self._step(batch, "train")
-        loss = total / count
+        if self.automatic_optimization:
+            total, count = self._step(batch, "train")
+            loss = total / count
+        else:
+            loss = self._graphed_step(batch)
         # Every step is checked, on the device: reading the loss back each step would make the host wait
         # for the GPU. The first bad step is read back when metrics are written.
         if self._device_step is None:  # counted on the device too: making the number there each step would wait
@@ -117,8 +137,31 @@ class RecurrentLM(L.LightningModule):
         self._first_bad_step = torch.where(bad, self._device_step, self._first_bad_step)
         if writes_logs(self._trainer):
             self._raise_if_diverged()
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/loss", loss.clone(), prog_bar=True)  # a graph's output is overwritten by the next step
         return loss
+
+    def _graphed_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Forward, backward and clipping from the CUDA graph (eagerly for other shapes), then the optimizer
+        step through Lightning, which keeps its step count, precision and hooks."""
+        inputs, targets = batch
+        if self._graphed is None:
+            def mean_loss(inputs: Tensor, targets: Tensor, state: State | None) -> tuple[Tensor, State | None]:
+                total, count, final = self._forward_loss(inputs, targets, state)
+                return total / count, final
+
+            self._graphed = GraphedStep(mean_loss, [p for p in self.parameters() if p.requires_grad],
+                                        self.gradient_clip_val, self.gradient_clip_algorithm)
+        result = {}
+
+        def closure() -> Tensor:
+            loss, self._grad_norm, state = self._graphed(inputs, targets, self._carried("train", inputs.size(0)))
+            if self.carry_state:
+                self._state["train"] = state
+            result["loss"] = loss
+            return loss
+
+        self.optimizers().step(closure=closure)
+        return result["loss"]
 
     def _raise_if_diverged(self) -> None:
         bad_step = int(self._first_bad_step)
@@ -132,13 +175,26 @@ class RecurrentLM(L.LightningModule):
         if not writes_logs(self._trainer):  # computed only for the steps whose metrics are written
             return
         # Before clipping, so the curve shows what the clipping threshold is compared against.
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
+        if self._grad_norm is not None:  # the graphed step clipped already and kept the norm
+            self.log("train/grad_norm", self._grad_norm.clone())
+        elif grads := [p.grad for p in self.parameters() if p.grad is not None]:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def on_train_end(self) -> None:
         self._raise_if_diverged()
+
+    def on_train_epoch_end(self) -> None:
+        # Lightning steps the schedulers only for the steps it runs itself; the graphed step's are stepped
+        # here, at the same point (after the epoch's validation) and on the same metric.
+        scheduler = None if self.automatic_optimization else self.lr_schedulers()
+        if scheduler is None:
+            return
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if (metric := self.trainer.callback_metrics.get("val/loss")) is not None:
+                scheduler.step(metric)
+        else:
+            scheduler.step()
 
     def on_validation_epoch_start(self) -> None:
         self._raise_if_diverged()  # never validate, and so checkpoint, weights that diverged
@@ -234,6 +290,9 @@ class RecurrentLM(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._device_step = None  # counted on from the (restored) global step
+        # Restored (on_load_checkpoint) before Lightning moved the module, and in the saving run's dtype.
+        dtype = self.net.decoder.weight.dtype
+        self._state["train"] = _map_state(self._state["train"], lambda s: s.to(self.device, dtype))
         # The restored optimizer state holds the learning rate the run had reached; a resume that asks
         # for another one (e.g. lower, after a divergence) gets it.
         if self._new_lr and self._configured_lr() is not None:

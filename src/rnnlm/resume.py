@@ -27,7 +27,7 @@ MAY_CHANGE = (
     "trainer.limit_test_batches", "trainer.num_sanity_val_steps", "trainer.log_every_n_steps",
     "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm", "trainer.accelerator", "trainer.precision",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir",
-    "trainer.detect_anomaly", "trainer.benchmark", "trainer.profiler",
+    "trainer.detect_anomaly", "trainer.benchmark", "trainer.profiler", "model.cuda_graph", "model.compile",
 )
 PRESETS = ("experiment", "debug", "hparams_search")  # groups whose choice may set any key
 _ABSENT = object()
@@ -134,6 +134,8 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
             raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist: give RUN/checkpoints/last.ckpt or last")
     checkpoint = read_checkpoint(path, mmap=True)  # a bad checkpoint fails here, before any work
     trained = saved_config(path, checkpoint, cfg)
+    if trained is not None:
+        _add_new_settings(trained, cfg)
     result = cfg if trained is None or overrides is None else trained
     if trained is not None:
         diffs = differences(cfg, trained, selectors)
@@ -150,6 +152,18 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
     result.ckpt_path = str(path)
     OmegaConf.set_struct(result, True)
     return result
+
+
+def _add_new_settings(trained: DictConfig, cfg: DictConfig) -> None:
+    """Settings that did not exist when the checkpoint's run was made take today's values, in the parts of the
+    config that build the same object (a callback replaced since keeps its old arguments)."""
+    for key, value in _settings(cfg).items():
+        parent = key.rpartition(".")[0]
+        if (OmegaConf.select(trained, key, default=_ABSENT) is _ABSENT
+                and OmegaConf.select(trained, parent, default=_ABSENT) is not _ABSENT
+                and OmegaConf.select(trained, f"{parent}._target_", default=None)
+                == OmegaConf.select(cfg, f"{parent}._target_", default=None)):
+            OmegaConf.update(trained, key, value, merge=False, force_add=True)
 
 
 def _assign(cfg: DictConfig, key: str, value) -> None:

@@ -144,7 +144,13 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [HparamsWithBest(run_hparams(cfg))]
     callbacks += [SaveRunConfig(OmegaConf.to_container(_without_hydra(cfg), resolve=False)), *extra_callbacks]
     loggers = [instantiate(lg) for lg in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    trainer_args = {}
+    if cfg.model.get("cuda_graph"):  # the graphed step clips inside its graph (Lightning clips only its own steps)
+        model.gradient_clip_val, model.gradient_clip_algorithm = (cfg.trainer.gradient_clip_val,
+                                                                  cfg.trainer.gradient_clip_algorithm)
+        trainer_args["gradient_clip_val"] = None
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
+                          **trainer_args)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     run_checkpoints = next((c for c in callbacks if isinstance(c, RunCheckpoints)), None)
     if run_checkpoints is not None and run_checkpoints.stop_signal is not None:  # it came during the last validation
