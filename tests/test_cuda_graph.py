@@ -8,6 +8,8 @@ replay the graph and run only where CUDA is available.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -96,3 +98,21 @@ def test_replayed_steps_give_the_eager_losses(clip):
     graphed = _train(graphed_step, params, batches, device)
     assert graphed_step.graph is not None and graphed_step.replays >= 10
     assert graphed == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision,tolerance", [("32-true", 1e-4), ("bf16-mixed", 2e-2)])
+def test_a_graphed_run_on_the_gpu_matches_an_eager_one(make_cfg, tiny_corpus, tmp_path, caplog, precision, tolerance):
+    settings = ["trainer.accelerator=gpu", f"trainer.precision={precision}", "optimizer=sgd", "optimizer.lr=1.0",
+                "trainer.gradient_clip_val=0.25", "model.num_layers=2"]
+    eager = _run(make_cfg, tiny_corpus, tmp_path / "eager", *settings)
+    with caplog.at_level(logging.INFO, logger="rnnlm.cuda_graph"):
+        graphed = _run(make_cfg, tiny_corpus, tmp_path / "graphed", "model.cuda_graph=true", *settings)
+    assert "recorded the training step" in caplog.text and "failed" not in caplog.text
+    assert graphed["val/loss"] == pytest.approx(eager["val/loss"], rel=tolerance)
+    # and it resumes: 24 more steps from the graphed run's checkpoint, graphed again
+    last = tmp_path / "graphed" / "checkpoints" / "last.ckpt"
+    resumed = _run(make_cfg, tiny_corpus, tmp_path / "resumed", "model.cuda_graph=true", *settings,
+                   f"ckpt_path={last}", "trainer.max_steps=48", "trainer.max_epochs=6")
+    assert resumed["val/loss"] < graphed["val/loss"]
