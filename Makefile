@@ -2,7 +2,7 @@
 PYTHON ?= python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow test-all lint tensorboard clean
+.PHONY: install test test-slow test-gpu test-all lint tensorboard clean
 
 install:  ## CPU torch first (a plain `torch` requirement would pull a multi-GB CUDA build), then rnnlm
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
@@ -13,6 +13,9 @@ test:  ## the default, fast suite
 
 test-slow:  ## the long tests only (DDP on CPU, sweeps, longer training)
 	$(PYTHON) -m pytest -m slow
+
+test-gpu:  ## the GPU tests (skipped without CUDA; GPU_TEST_DEVICE=cpu: tests/test_gpu.py as a CPU dry run)
+	$(PYTHON) -m pytest -m gpu
 
 test-all:
 	$(PYTHON) -m pytest -m "slow or not slow"
