@@ -4,12 +4,21 @@
 Runs alternate (raw, rnnlm, raw, rnnlm, ...) so drift in the machine's speed hits both. Each side
 reports the median tokens/s of its training steps (forward, backward, clipping, optimizer step),
 leaving out the first ``--warmup`` steps; rnnlm also reports its wall-clock rate, which adds data
-loading, logging and Lightning's hooks between steps.
+loading, logging and Lightning's hooks between steps. On a GPU, rnnlm's steps are timed with CUDA
+events (the host is never made to wait for the GPU, as rnnlm itself never does), and its wall clock
+ends once the GPU has finished the last step; raw_lm.py waits for the GPU after every step.
 
     python benchmarks/train_speed.py                        # PTB word LSTM 2x200, seq 35, batch 20, SGD
     python benchmarks/train_speed.py --config char512       # tiny Shakespeare char LSTM 2x512, seq 128, batch 64, Adam
     python benchmarks/train_speed.py --config char64        # char LSTM 1x64: per-step costs show most
     python benchmarks/train_speed.py --device cuda --size 650
+    python benchmarks/train_speed.py --device cuda --variant model.cuda_graph=true --json speed.json
+    python benchmarks/train_speed.py --device cuda --size 650 --no-raw --variant trainer.precision=bf16-mixed
+    python benchmarks/train_speed.py --table a.json b.json  # one Markdown table from earlier --json files
+
+``--override KEY=VALUE`` adds a Hydra override to every rnnlm run; ``--variant "KEY=VALUE ..."`` adds one
+more rnnlm run to each round, with those overrides on top (so raw, rnnlm and rnnlm with a CUDA graph
+alternate in one run). The final training loss of each side is the mean of its last 50 step losses.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,29 +37,80 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 
-from rnnlm.cli import CONF_DIR
+from rnnlm.checks import ConfigError
+from rnnlm.cli import CONF_DIR, USER_ERRORS, describe_hydra_error
+from rnnlm.corpora import named_source
 from rnnlm.train import train
+
+LAST_LOSSES = 50  # the final training loss is the mean of this many last steps (as raw_lm.py reports it)
 
 
 class StepTimer(L.Callback):
-    """Tokens/s of each training step, from batch start to batch end, and of the whole run."""
+    """Tokens/s of each training step, from batch start to batch end, and of the whole run; the step losses.
 
-    def __init__(self):
-        self.rates: list[float] = []
+    On a GPU, steps are timed with CUDA events read once at the end, so timing never makes the host wait;
+    the run's wall clock then goes from the first step's start to the moment the GPU finished the last.
+    """
+
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda
+        self._rates: list[float] = []
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
         self.tokens = 0
         self._t0 = 0.0
+        self._start_event = None
         self.first_start: float | None = None
         self.last_end = 0.0
+        self.losses: list[torch.Tensor] = []  # the last ones, on the device, read once at the end
+        self.steps = 0
+        self.graph_replays: int | None = None  # with model.cuda_graph=true: the steps replayed from the graph
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._t0 = time.perf_counter()
         self.first_start = self.first_start or self._t0
+        if self.cuda:
+            self._start_event = torch.cuda.Event(enable_timing=True)
+            self._start_event.record()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        tokens = batch[1].numel()
         self.last_end = time.perf_counter()
-        self.rates.append(batch[1].numel() / (self.last_end - self._t0))
-        self.tokens += batch[1].numel()
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((self._start_event, end, tokens))
+        else:
+            self._rates.append(tokens / (self.last_end - self._t0))
+        self.tokens += tokens
+        self.steps += 1
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if torch.is_tensor(loss):
+            self.losses.append(loss.detach().float().clone())  # a copy: a captured graph reuses its output
+            del self.losses[:-LAST_LOSSES]
+
+    def on_train_end(self, trainer, pl_module):
+        graphed = getattr(pl_module, "_graphed", None)  # rnnlm.cuda_graph.GraphedStep, when the module has one
+        self.graph_replays = getattr(graphed, "replays", None)
+
+    @property
+    def rates(self) -> list[float]:
+        if self.cuda and len(self._rates) < len(self._events):
+            torch.cuda.synchronize()
+            self._rates = [n * 1000 / start.elapsed_time(end) for start, end, n in self._events]
+        return self._rates
+
+    def wall_rate(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            seconds = self._events[0][0].elapsed_time(self._events[-1][1]) / 1000
+        else:
+            seconds = self.last_end - self.first_start
+        return self.tokens / seconds
+
+    def final_loss(self) -> float | None:
+        return float(torch.stack(self.losses).mean()) if self.losses else None
 
 
 # The configurations compared; a flag given on the command line wins over its preset.
@@ -64,44 +126,96 @@ CORPUS_FILES = {"ptb": [f"ptb/ptb.{s}.txt" for s in ("train", "valid", "test")],
                 "tinyshakespeare": ["tinyshakespeare/input.txt"]}
 
 
-def run_raw(args) -> float:
+def run_raw(args) -> tuple[float, float]:
+    """Median step rate and final training loss of raw_lm.py."""
     cmd = [sys.executable, str(args.raw), "--data", *(str(args.data_dir / f) for f in CORPUS_FILES[args.corpus]),
            "--level", args.level, "--model", args.model, "--emsize", str(args.emsize), "--nhid", str(args.size),
            "--nlayers", str(args.layers), "--bptt", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--optimizer", args.optimizer, "--lr", str(args.lr), "--clip", str(args.clip), "--dropout",
            str(args.dropout), "--max-steps", str(args.steps), "--warmup-steps", str(args.warmup), "--no-eval",
            "--device", args.device]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["train_tok_per_s_median"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{args.raw} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["train_tok_per_s_median"], result["train_loss_last"]
 
 
-def run_rnnlm(args, out_dir: Path) -> tuple[float, float]:
-    """Median step rate and wall-clock rate of rnnlm on the same settings (no validation)."""
+def run_rnnlm(args, out_dir: Path, extra: list[str]) -> tuple[float, float, float | None, str | None]:
+    """Median step rate, wall-clock rate, final training loss of rnnlm on the same settings (no validation), and
+    with a CUDA graph, how many steps were replayed from it ("replays/steps")."""
     overrides = [
         f"model={args.model}", f"data={args.level}", f"data.corpus={args.corpus}", f"paths.data_dir={args.data_dir}",
-        f"paths.cache_dir={out_dir / 'cache'}", f"model.embedding_dim={args.emsize}", f"model.hidden_size={args.size}",
+        f"paths.cache_dir={args.cache_dir}", f"model.embedding_dim={args.emsize}", f"model.hidden_size={args.size}",
         f"model.num_layers={args.layers}", f"model.dropout={args.dropout}", f"data.seq_len={args.seq_len}",
         f"data.batch_size={args.batch_size}", f"optimizer={args.optimizer}", f"optimizer.lr={args.lr}",
         "scheduler=none", f"trainer.gradient_clip_val={args.clip}",
         f"trainer.max_steps={args.steps}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "test=false", "~callbacks.text_samples",
-        "~callbacks.progress_bar",
-        "~callbacks.model_summary",
+        # rnnlm's own progress bar stays, as a user's run has it; the summary is printed once, before timing
+        "~callbacks.model_summary", "trainer.enable_model_summary=false",
+        *extra,
     ]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+        try:
+            cfg = compose("train", overrides=overrides)
+        except HydraException as err:  # e.g. an override naming a setting this checkout does not have
+            raise ConfigError(describe_hydra_error(err)) from err
     cfg.paths.output_dir = str(out_dir / "run")
-    timer = StepTimer()
-    train(cfg, extra_callbacks=[timer])
-    wall = timer.tokens / (timer.last_end - timer.first_start)
-    return statistics.median(timer.rates[args.warmup:]), wall
+    timer = StepTimer(cuda=args.device == "cuda")
+    try:
+        train(cfg, extra_callbacks=[timer])
+    finally:
+        shutil.rmtree(out_dir / "run" / "checkpoints", ignore_errors=True)  # up to 0.3 GB each; not measured
+    replays = None if timer.graph_replays is None else f"{timer.graph_replays}/{timer.steps}"
+    return statistics.median(timer.rates[args.warmup:]), timer.wall_rate(), timer.final_loss(), replays
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def variant_name(extra: list[str]) -> str:
+    return " ".join(["rnnlm", *extra])
+
+
+def median_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def print_table(paths: list[Path]) -> None:
+    """One Markdown table from the --json files of earlier runs: one line per rnnlm variant."""
+    print("| configuration | raw_lm.py tok/s | rnnlm run | step tok/s | wall tok/s | wall / raw | final loss (raw) |")
+    print("|---|---:|---|---:|---:|---:|---|")
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            print(f"| {path} | | not readable: {one_line(err)} | | | | |")
+            continue
+        raw = result["raw_lm"]
+        raw_rate = f"{raw['tok_s']:,.0f}" if raw and raw.get("tok_s") else "—"
+        for name, run in result["rnnlm"].items():
+            if run["status"] != "ok":
+                print(f"| {result['label']} | {raw_rate} | {name} | {run['status']}: {run['error']} | | | |")
+                continue
+            ratio = f"{run['wall_ratio']:.2f}" if run.get("wall_ratio") else "—"
+            loss = "—" if run["final_loss"] is None else f"{run['final_loss']:.3f}"
+            if raw and raw.get("final_loss") is not None:
+                loss += f" ({raw['final_loss']:.3f})"
+            shown = name + (f" (graph replayed {run['graph_replays']} steps)" if run.get("graph_replays") else "")
+            print(f"| {result['label']} | {raw_rate} | {shown} | {run['step_tok_s']:,.0f} | {run['wall_tok_s']:,.0f} "
+                  f"| {ratio} | {loss} |")
 
 
 def main() -> None:
     shared = Path(__file__).resolve().parents[2] / "shared"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", type=Path, default=shared / "bench" / "raw_lm.py")
-    parser.add_argument("--data-dir", type=Path, default=shared / "data", help="holds ptb/ptb.{train,valid,test}.txt")
+    parser.add_argument("--data-dir", type=Path, default=shared / "data", help="holds ptb/ptb.{train,valid,test}.txt "
+                        "(a missing corpus is downloaded there)")
     parser.add_argument("--config", default="ptb", choices=sorted(PRESETS))
     parser.add_argument("--model", default="lstm", choices=["rnn", "lstm", "gru"])
     parser.add_argument("--size", type=int, help="hidden size (ptb: also the embedding size)")
@@ -114,31 +228,114 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    parser.add_argument("--cache-dir", type=Path, help="rnnlm's token cache (default: OUT/cache)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override for every rnnlm run (repeatable), e.g. trainer.precision=bf16-mixed")
+    parser.add_argument("--variant", action="append", default=[], metavar='"KEY=VALUE ..."',
+                        help="one more rnnlm run per round, with these overrides on top (repeatable), "
+                             "e.g. model.cuda_graph=true")
+    parser.add_argument("--no-raw", action="store_true", help="compare the rnnlm runs only")
+    parser.add_argument("--refusals-ok", action="store_true",
+                        help="a run that rnnlm refuses with a one-line error (e.g. a CUDA graph on a CPU) is shown "
+                             "as refused, without failing the benchmark")
+    parser.add_argument("--label", help="the configuration's name in --json and --table (default: from the settings)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the medians and ratios here")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="print one Markdown table from earlier --json files, and run nothing")
     args = parser.parse_args()
+    if args.table:
+        print_table(args.table)
+        return
     preset = dict(PRESETS[args.config])
     if args.config == "ptb" and args.size and not args.emsize:
         args.emsize = args.size
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    args.cache_dir = args.cache_dir or args.out / "cache"
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    named_source(args.corpus, args.data_dir)  # raw_lm.py reads the files: download a missing corpus first
 
-    raw, ours, wall = [], [], []
+    runs = [list(args.override)] + [list(args.override) + shlex.split(v) for v in args.variant]
+    raw, raw_loss = [], []
+    ours = {variant_name(extra): {"step": [], "wall": [], "loss": [], "error": None} for extra in runs}
     for round_ in range(args.rounds):
-        raw.append(run_raw(args))
-        step_rate, wall_rate = run_rnnlm(args, args.out / f"round{round_}")
-        ours.append(step_rate)
-        wall.append(wall_rate)
-        print(f"round {round_}: raw_lm {raw[-1]:,.0f} tok/s | rnnlm {ours[-1]:,.0f} tok/s (steps), "
-              f"{wall[-1]:,.0f} tok/s (wall)", flush=True)
-    r, o, w = statistics.median(raw), statistics.median(ours), statistics.median(wall)
+        line = []
+        if not args.no_raw:
+            rate, loss = run_raw(args)
+            raw.append(rate)
+            raw_loss.append(loss)
+            line.append(f"raw_lm {raw[-1]:,.0f} tok/s")
+        for i, extra in enumerate(runs):
+            name, result = variant_name(extra), ours[variant_name(extra)]
+            if result["error"]:  # refused or failed in an earlier round
+                continue
+            try:
+                step_rate, wall_rate, loss, replays = run_rnnlm(args, args.out / f"round{round_}" / f"run{i}", extra)
+            except (Exception, SystemExit) as err:  # one failing variant must not hide the others
+                refused = isinstance(err, USER_ERRORS)
+                result["error"] = one_line(err)
+                result["status"] = "refused" if refused else "failed"
+                line.append(f"{name}: {result['status']}: {result['error']}")
+                if not refused:
+                    logging.getLogger(__name__).exception("%s failed", name)
+                continue
+            result["step"].append(step_rate)
+            result["wall"].append(wall_rate)
+            result["loss"].append(loss)
+            result["graph_replays"] = replays
+            label = "rnnlm" if i == 0 else name
+            line.append(f"{label} {step_rate:,.0f} tok/s (steps), {wall_rate:,.0f} tok/s (wall)"
+                        + (f", graph replayed {replays} steps" if replays else ""))
+        print(f"round {round_}: " + " | ".join(line), flush=True)
+
+    r = statistics.median(raw) if raw else None
     print(f"\n{args.corpus} {args.level} {args.model} {args.layers}x{args.size} (emb {args.emsize}), "
           f"seq {args.seq_len}, batch {args.batch_size}, {args.optimizer} lr {args.lr}, {args.steps} steps, "
           f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"medians of {args.rounds} rounds")
-    print(f"raw_lm.py        {r:>9,.0f} tok/s")
-    print(f"rnnlm (steps)    {o:>9,.0f} tok/s   ratio to raw {o / r:.3f}")
-    print(f"rnnlm (wall)     {w:>9,.0f} tok/s   ratio to raw {w / r:.3f}")
+    if args.override:
+        print(f"rnnlm overrides: {' '.join(args.override)}")
+    if r is not None:
+        print(f"raw_lm.py        {r:>9,.0f} tok/s")
+    summary, losses = {}, [] if r is None else [f"raw_lm {median_or_none(raw_loss):.4f}"]
+    base = ours[variant_name(runs[0])]
+    w0 = statistics.median(base["wall"]) if base["wall"] and not base["error"] else None  # the variants' yardstick
+    for i, extra in enumerate(runs):
+        name, result = variant_name(extra), ours[variant_name(extra)]
+        prefix = "rnnlm" if i == 0 else name
+        if result["error"]:
+            print(f"{prefix}: {result['status']}: {result['error']}")
+            summary[name] = {"overrides": extra, "status": result["status"], "error": result["error"]}
+            continue
+        o, w = statistics.median(result["step"]), statistics.median(result["wall"])
+        loss = median_or_none(result["loss"])
+        print(f"{prefix + ' (steps)':<16} {o:>9,.0f} tok/s" + (f"   ratio to raw {o / r:.3f}" if r else ""))
+        print(f"{prefix + ' (wall)':<16} {w:>9,.0f} tok/s" + (f"   ratio to raw {w / r:.3f}" if r else "")
+              + (f"   ratio to rnnlm {w / w0:.3f}" if i and w0 else ""))
+        losses.append(f"{prefix} {'—' if loss is None else f'{loss:.4f}'}")
+        summary[name] = {"overrides": extra, "status": "ok", "step_tok_s": o, "wall_tok_s": w, "final_loss": loss,
+                         "step_ratio": o / r if r else None, "wall_ratio": w / r if r else None,
+                         "graph_replays": result.get("graph_replays"),
+                         "rounds": {"step_tok_s": result["step"], "wall_tok_s": result["wall"],
+                                    "final_loss": result["loss"]}}
+    print(f"final training loss (mean of the last {LAST_LOSSES} steps): {' | '.join(losses)}")
+
+    if args.json:
+        label = args.label or f"{args.layers}x{args.size}, batch {args.batch_size}, seq {args.seq_len}"
+        raw_summary = None if args.no_raw else {"tok_s": r, "final_loss": median_or_none(raw_loss),
+                                                "rounds": {"tok_s": raw, "final_loss": raw_loss}}
+        settings = {k: getattr(args, k) for k in ("config", "corpus", "level", "model", "emsize", "size", "layers",
+                                                  "seq_len", "batch_size", "optimizer", "lr", "clip", "dropout",
+                                                  "steps", "warmup", "rounds", "device", "override")}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"label": label, "settings": settings, "torch": torch.__version__,
+                                         "raw_lm": raw_summary, "rnnlm": summary}, indent=1) + "\n")
+    failed = [n for n, s in summary.items() if s["status"] == "failed"
+              or (s["status"] == "refused" and not args.refusals_ok)]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
