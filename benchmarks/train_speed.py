@@ -313,6 +313,10 @@ def main() -> None:
         print(f"{prefix + ' (steps)':<16} {o:>9,.0f} tok/s" + (f"   ratio to raw {o / r:.3f}" if r else ""))
         print(f"{prefix + ' (wall)':<16} {w:>9,.0f} tok/s" + (f"   ratio to raw {w / r:.3f}" if r else "")
               + (f"   ratio to rnnlm {w / w0:.3f}" if i and w0 else ""))
+        if r and len(result["wall"]) == len(raw) > 1:  # each round against its own raw run: drift cancels
+            per_round = [ours_ / raw_ for ours_, raw_ in zip(result["wall"], raw, strict=True)]
+            print(f"{'':<16} wall / raw by round: {' '.join(f'{x:.3f}' for x in per_round)} "
+                  f"(median {statistics.median(per_round):.3f})")
         losses.append(f"{prefix} {'—' if loss is None else f'{loss:.4f}'}")
         summary[name] = {"overrides": extra, "status": "ok", "step_tok_s": o, "wall_tok_s": w, "final_loss": loss,
                          "step_ratio": o / r if r else None, "wall_ratio": w / r if r else None,

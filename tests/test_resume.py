@@ -222,17 +222,19 @@ def test_divergence_between_logged_steps_is_still_caught(make_cfg, tiny_corpus, 
     assert _step_of(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt") == 2  # the NaN weights never saved
 
 
-def test_tokens_seen_counts_every_step_though_read_back_rarely(make_cfg, tiny_corpus):
+@pytest.mark.parametrize("mode", ["stream", "sentence"])
+def test_tokens_seen_counts_every_step_though_read_back_rarely(make_cfg, tiny_corpus, mode):
     from rnnlm.callbacks import TokensPerSecond
+    from rnnlm.datamodule import IGNORE_INDEX
 
     counted = []
 
     class CountTokens(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            counted.append(batch[1].numel())
+            counted.append(int((batch[1] != IGNORE_INDEX).sum()))  # padding is not a token
 
     cfg = make_cfg(f"data.path={tiny_corpus}", "trainer.log_every_n_steps=3", "trainer.max_steps=7",
-                   "~callbacks.tokens_per_second", "test=false")
+                   f"data.mode={mode}", "~callbacks.tokens_per_second", "test=false")
     speed = TokensPerSecond(window=4)
     train(cfg, extra_callbacks=[CountTokens(), speed])
     assert speed.seen == sum(counted) and len(counted) == 7

@@ -287,8 +287,9 @@ class TokensPerSecond(L.Callback):
     ``train/tokens_seen`` (all tokens trained on so far, the x-axis of sweep reports).
 
     Wall time between batch ends counts everything a step costs (data, forward, backward, optimizer,
-    logging); validation time is left out. Tokens are counted on the device and read back only when
-    a value is logged, so the host never waits for the GPU on other steps.
+    logging); validation time is left out. Stream chunks count all their targets; padded sentence batches
+    are counted on the device and read back only when a value is logged, so the host never waits for the
+    GPU on other steps.
     """
 
     def __init__(self, window: int = 20):
@@ -296,10 +297,11 @@ class TokensPerSecond(L.Callback):
         self.rates: list[float] = []  # every logged rate, for the run summary
         self.seen = 0  # tokens trained on since the run began (all processes), up to the last read
         self._world = 1
-        self._pending = 0  # tokens of the steps since the last read (a device tensor between reads)
+        self._pending = 0  # tokens of the steps since the last read (for sentences, a device tensor)
         self._tokens = 0
         self._steps = 0
         self._since: float | None = None
+        self._stream = False
 
     def state_dict(self) -> dict:
         self._read()
@@ -309,7 +311,7 @@ class TokensPerSecond(L.Callback):
         self.seen = state.get("seen", 0)
 
     def _read(self) -> None:
-        if torch.is_tensor(self._pending):
+        if torch.is_tensor(self._pending) or self._pending:  # a device tensor is read back here, and only here
             tokens = int(self._pending) * self._world
             self._tokens, self.seen, self._pending = self._tokens + tokens, self.seen + tokens, 0
 
@@ -319,6 +321,7 @@ class TokensPerSecond(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._world = trainer.world_size
+        self._stream = getattr(trainer.datamodule, "carries_state", False)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._restart()
@@ -331,7 +334,8 @@ class TokensPerSecond(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         _, targets = batch
-        self._pending = self._pending + (targets != IGNORE_INDEX).sum()
+        # Stream chunks score every target; padded sentences are counted on the device.
+        self._pending = self._pending + (targets.numel() if self._stream else (targets != IGNORE_INDEX).sum())
         self._steps += 1
         full = self._steps >= self.window
         if full or writes_logs(trainer):

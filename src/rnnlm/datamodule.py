@@ -118,9 +118,12 @@ def pad_batch(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
 
 
 def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers: int = 0,
-                sampler: DistributedSampler | None = None) -> DataLoader:
+                sampler: DistributedSampler | None = None, pin_memory: bool = False) -> DataLoader:
     """Stream chunks come batched and in order; sentences are shuffled (if asked, or drawn by ``sampler``)
     and padded ``rows`` at a time.
+
+    ``pin_memory`` (for a GPU): a batch in page-locked memory is copied while the GPU is busy; from
+    ordinary memory the copy would make the host wait until the GPU has finished the step before.
 
     Each loader draws on a generator of its own (seeded from the run's seed): starting an iterator
     would otherwise take a number from the global random stream, so where validations fall would
@@ -128,9 +131,9 @@ def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers:
     """
     generator = torch.Generator().manual_seed(torch.initial_seed())
     if isinstance(dataset, StreamChunks):
-        return DataLoader(dataset, batch_size=None, generator=generator)
+        return DataLoader(dataset, batch_size=None, generator=generator, pin_memory=pin_memory)
     return DataLoader(dataset, batch_size=rows, shuffle=shuffle, sampler=sampler, collate_fn=pad_batch,
-                      num_workers=num_workers, generator=generator)
+                      num_workers=num_workers, generator=generator, pin_memory=pin_memory)
 
 
 class TextDataModule(L.LightningDataModule):
@@ -242,7 +245,8 @@ class TextDataModule(L.LightningDataModule):
         if split != "train" and isinstance(dataset, Sentences):  # each line scored once, on one process
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             sampler = EvenShards(dataset, world, rank)
-        return make_loader(dataset, rows, shuffle, self.hparams.num_workers, sampler)
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return make_loader(dataset, rows, shuffle, self.hparams.num_workers, sampler, pin_memory=on_gpu)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
