@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import DistributedSampler
 
 from conftest import PANGRAMS, REPO
@@ -157,7 +158,8 @@ def test_sentence_evaluation_on_two_ranks_scores_each_token_once(tmp_path):
     for rank in range(2):
         data = TextDataModule(path=str(_long_lines(tmp_path)), level="word", mode="sentence", seq_len=5,
                               eval_batch_size=4, cache_dir=str(tmp_path / "cache"))
-        data.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        data.trainer = SimpleNamespace(global_rank=rank, world_size=2,
+                                       strategy=SimpleNamespace(root_device=torch.device("cpu")))
         data.setup()
         assert isinstance(data.val_dataloader().sampler, EvenShards)
         counted += _scored(data.val_dataloader())
