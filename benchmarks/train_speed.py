@@ -133,7 +133,7 @@ def run_raw(args) -> tuple[float, float]:
            "--nlayers", str(args.layers), "--bptt", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--optimizer", args.optimizer, "--lr", str(args.lr), "--clip", str(args.clip), "--dropout",
            str(args.dropout), "--max-steps", str(args.steps), "--warmup-steps", str(args.warmup), "--no-eval",
-           "--device", args.device]
+           "--device", args.device, "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{args.raw} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -227,6 +227,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the medians")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's intra-op threads on both sides (0: torch's default, one per core)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     parser.add_argument("--cache-dir", type=Path, help="rnnlm's token cache (default: OUT/cache)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -243,6 +245,8 @@ def main() -> None:
     parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
                         help="print one Markdown table from earlier --json files, and run nothing")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the rnnlm runs are in this process
     if args.table:
         print_table(args.table)
         return
