@@ -263,6 +263,8 @@ class RecurrentLM(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
+        if not self.automatic_optimization:  # stepped by on_train_epoch_end, which reads val/loss itself
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
         return {
             "optimizer": optimizer,
             # strict=False: a run that stops before its first validation has no val/loss yet.
