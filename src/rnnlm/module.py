@@ -118,12 +118,6 @@ class RecurrentLM(L.LightningModule):
             self._state[stage] = detach_state(state)
         return total, count
 
-    def transfer_batch_to_device(self, batch: tuple[Tensor, Tensor], device: torch.device,
-                                 dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        # The batch is always (inputs, targets): Lightning's walk through any nested collection costs
-        # more than a small model's step. non_blocking: a pinned batch is copied while the GPU works.
-        return tuple(t.to(device, non_blocking=True) for t in batch)
-
     # ---------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         if batch_idx == 0:  # a new pass over the stream starts from zeros (a resumed one from its checkpoint)
