@@ -9,7 +9,7 @@ from torch import nn
 
 from rnnlm.backbone import KerasRecurrent, RecurrentBackbone
 from rnnlm.cells import GRUCell, LSTMCell, RNNCell, ScratchRecurrent, from_fused, run_cell, to_fused
-from rnnlm.network import LanguageModel
+from rnnlm.network import LanguageModel, NetworkConfig
 
 FUSED = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -130,8 +130,8 @@ def test_scratch_equals_fused_outputs_and_gradients(cell, bidirectional):
 
 def test_language_model_weights_convert_between_implementations():
     torch.manual_seed(0)
-    fused = LanguageModel(40, "gru", 8, 16, 2, 0.0, impl="fused").eval()
-    scratch = LanguageModel(40, "gru", 8, 16, 2, 0.0, impl="scratch").eval()
+    fused = LanguageModel(NetworkConfig(40, "gru", 8, 16, 2, 0.0, impl="fused")).eval()
+    scratch = LanguageModel(NetworkConfig(40, "gru", 8, 16, 2, 0.0, impl="scratch")).eval()
     other = {k: v for k, v in fused.state_dict().items() if not k.startswith("backbone.")}
     scratch.load_state_dict(other, strict=False)
     scratch.backbone.load_fused_state_dict(fused.backbone.fused_state_dict())
@@ -177,7 +177,8 @@ def test_keras_bidirectional_last_output_joins_both_ends():
 @pytest.mark.parametrize("impl", ["fused", "scratch"])
 def test_bidirectional_lm_never_sees_its_target(impl):
     torch.manual_seed(0)
-    net = LanguageModel(30, "lstm", 16, 24, num_layers=2, dropout=0.0, bidirectional=True, impl=impl).eval()
+    config = NetworkConfig(30, "lstm", 16, 24, num_layers=2, dropout=0.0, bidirectional=True, impl=impl)
+    net = LanguageModel(config).eval()
     tokens = torch.randint(0, 30, (2, 10))
     logits, _ = net(tokens)
     for t in range(10):

@@ -1,13 +1,18 @@
 """Every file under conf/ composes and instantiates; every experiment trains a few steps."""
 
+import dataclasses
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from rnnlm.checkpoint import CHECKPOINT_KEY
 from rnnlm.cli import CONF_DIR
+from rnnlm.errors import ConfigError
+from rnnlm.network import NetworkConfig
 from rnnlm.train import train
 
 
@@ -69,3 +74,26 @@ def test_trainer_options_in_the_yaml_keep_lightning_defaults(make_cfg):
                  "accumulate_grad_batches", "fast_dev_run", "overfit_batches"):
         assert getattr(ours, name) == getattr(plain, name), name
     assert (ours.progress_bar_callback is None) == (plain.progress_bar_callback is None)
+
+
+def test_the_model_settings_are_the_network_configs_fields(make_cfg):
+    model = make_cfg().model
+    fields = {f.name for f in dataclasses.fields(NetworkConfig)} - {"vocab_size"}
+    assert set(model) - {"_target_", "compile", "cuda_graph"} == fields  # one YAML line per field, no more
+    built = NetworkConfig.from_settings(model, vocab_size=57)
+    assert built == NetworkConfig(vocab_size=57, **{name: model[name] for name in fields})
+
+
+def test_a_network_config_checks_itself_and_cannot_change():
+    with pytest.raises(ConfigError, match=r"model.dropout=1.5 must be in \[0, 1\); model.impl=cuda must be one of"):
+        NetworkConfig(vocab_size=10, dropout=1.5, impl="cuda")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        NetworkConfig(vocab_size=10).hidden_size = 3
+
+
+def test_a_checkpoint_stores_the_network_once(make_cfg, tiny_corpus):
+    cfg = make_cfg(f"data.path={tiny_corpus}", "trainer.max_steps=2", "test=false", "model=gru")
+    train(cfg)
+    data = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "hyper_parameters" not in data
+    assert NetworkConfig.from_settings(data[CHECKPOINT_KEY]["network"]).cell == "gru"

@@ -14,7 +14,7 @@ from conftest import REPO, compose_train
 from rnnlm.checks import ConfigError, check_model_memory, check_train_config, count_parameters
 from rnnlm.cli import CONF_DIR, check_command_line, check_output, pick_device
 from rnnlm.generate import read_prompt
-from rnnlm.network import LanguageModel
+from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.train import train
 
 
@@ -120,8 +120,7 @@ def test_a_gpu_trainer_without_a_gpu_is_refused(make_cfg, monkeypatch):
 )
 def test_parameter_count_matches_the_built_model(make_cfg, overrides):
     model = make_cfg(*overrides).model
-    settings = {k: v for k, v in model.items() if k not in ("_target_", "compile", "cuda_graph")}
-    built = LanguageModel(57, **settings).num_parameters()
+    built = LanguageModel(NetworkConfig.from_settings(model, vocab_size=57)).num_parameters()
     if model.impl == "fused":
         assert count_parameters(model, 57) == built
     else:  # one bias per gate instead of torch.nn's two

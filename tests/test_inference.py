@@ -18,7 +18,7 @@ from rnnlm.checks import ConfigError, check_generate_config
 from rnnlm.cli import CONF_DIR
 from rnnlm.evaluate import evaluate
 from rnnlm.generate import generate_texts
-from rnnlm.network import LanguageModel
+from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.sampling import Stepper, generate
 from rnnlm.score import rank_candidates, sentence_logprobs
 from rnnlm.train import train
@@ -47,7 +47,8 @@ def test_incremental_decoding_gives_the_full_sequence_logits():
     torch.manual_seed(0)
     for cell in ("rnn", "lstm", "gru"):
         for embedding_dim in (16, None):
-            net = LanguageModel(30, cell, embedding_dim, 24, 3, 0.3, "relu" if cell == "rnn" else "tanh").eval()
+            config = NetworkConfig(30, cell, embedding_dim, 24, 3, 0.3, "relu" if cell == "rnn" else "tanh")
+            net = LanguageModel(config).eval()
             tokens = torch.randint(0, 30, (3, 12))
             full, _ = net(tokens)
             _, state = net(tokens[:, :4])
@@ -65,7 +66,7 @@ def test_incremental_decoding_gives_the_full_sequence_logits():
 
 def _random_net():
     torch.manual_seed(0)
-    return LanguageModel(20, "lstm", 8, 16, 2, 0.0).eval()
+    return LanguageModel(NetworkConfig(20, "lstm", 8, 16, 2, 0.0)).eval()
 
 
 def _sample(net, **kwargs):
@@ -85,7 +86,7 @@ def test_sampling_is_reproducible_and_greedy_is_deterministic():
 
 def _fixed_logits_net(logits: list[float]) -> LanguageModel:
     """A model whose next-token logits are always ``logits``, whatever the input."""
-    net = LanguageModel(len(logits), "gru", 4, 4, 1, 0.0).eval()
+    net = LanguageModel(NetworkConfig(len(logits), "gru", 4, 4, 1, 0.0)).eval()
     with torch.no_grad():
         net.decoder.weight.zero_()
         net.decoder.bias.copy_(torch.tensor(logits))

@@ -199,7 +199,7 @@ def test_a_checkpoint_of_the_previous_format_still_evaluates_and_resumes(make_cf
     old.parent.mkdir(parents=True)
     torch.save(data, old)
     module = load_checkpoint(old).module  # what eval.py evaluates
-    assert module.best_val_loss == math.inf and module.net.config["hidden_size"] == 32
+    assert module.best_val_loss == math.inf and module.net.config.hidden_size == 32
     metrics = train(make_cfg(f"data.path={tiny_corpus}", "test=false", "trainer.max_steps=5", f"ckpt_path={old}",
                              run_dir=tmp_path / "b"))
     assert _step_of(tmp_path / "b" / "checkpoints" / "last.ckpt") == 5 and math.isfinite(metrics["val/loss_best"])

@@ -10,7 +10,7 @@ import torch
 
 from conftest import PANGRAMS, REPO, compose_train
 from rnnlm.checks import ConfigError
-from rnnlm.network import LanguageModel
+from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.score import fill_blank, rank_candidates, rank_fillers, unknown_candidates
 from rnnlm.train import train
 from rnnlm.vocab import EOS, UNK, Vocab
@@ -20,7 +20,7 @@ KOREAN = "운동을 열심히 하면 근육이 는다"
 
 def _unk_loving_net(vocab: Vocab) -> LanguageModel:
     """A model that always finds <unk> the likeliest next token, as a word model of real text often does."""
-    net = LanguageModel(len(vocab), "gru", 4, 4, 1, 0.0).eval()
+    net = LanguageModel(NetworkConfig(len(vocab), "gru", 4, 4, 1, 0.0)).eval()
     logits = torch.zeros(len(vocab))
     if vocab.unk_id is not None:
         logits[vocab.unk_id] = 5.0
@@ -60,7 +60,7 @@ def test_bidirectional_fillers_rank_known_tokens_only():
     assert rank_fillers(log_probs, vocab, ["cat", "zzqx", "dog"]) == [("dog", -1.0), ("cat", -2.0)]
     with pytest.raises(ConfigError, match="none of the candidates"):
         rank_fillers(log_probs, vocab, ["zzqx", "big cat"])
-    net = LanguageModel(len(vocab), "gru", 4, 4, 1, 0.0, bidirectional=True).eval()
+    net = LanguageModel(NetworkConfig(len(vocab), "gru", 4, 4, 1, 0.0, bidirectional=True)).eval()
     with pytest.raises(ConfigError, match="2 blanks"):
         fill_blank(net, vocab, "cat ___ dog ___")
 

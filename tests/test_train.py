@@ -50,8 +50,8 @@ def test_a_run_leaves_checkpoints_events_config_and_samples(make_cfg, tiny_corpu
     raw = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert raw["global_step"] == 6
     loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
-    assert loaded.vocab.level == "char" and loaded.net.config["cell"] == "lstm"
-    assert loaded.net.config["vocab_size"] == len(loaded.vocab)
+    assert loaded.vocab.level == "char" and loaded.net.config.cell == "lstm"
+    assert loaded.net.config.vocab_size == len(loaded.vocab)
 
 
 def test_word_run_reports_perplexity(make_cfg):
@@ -158,7 +158,7 @@ def test_scratch_cells_train_and_generate(make_cfg, tiny_corpus, extra):
     metrics = train(cfg)
     assert metrics["val/loss"] < 0.6 * math.log(30)
     loaded = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
-    assert loaded.net.config["impl"] == "scratch"
+    assert loaded.net.config.impl == "scratch"
     from rnnlm.sampling import generate
 
     text = generate(loaded.net, torch.tensor([loaded.vocab.encode_text("the quick")]), 30, greedy=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rnnlm.network import LanguageModel
+from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.vocab import Vocab
 
 if TYPE_CHECKING:
@@ -167,8 +167,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     info["global_step"] = data.get("global_step")
     info.setdefault("world_size", 1)
     vocab = Vocab.from_dict(info["vocab"])
-    network = {k: v for k, v in info["network"].items() if k != "vocab_size"}
-    net = LanguageModel(len(vocab), **network)
+    net = LanguageModel(NetworkConfig.from_settings(info["network"], vocab_size=len(vocab)))
     prefix = "net."
     net.load_state_dict({k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)})
     net.to(map_location).eval()

@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rnnlm.backbone import CELLS, IMPLS, NONLINEARITIES
+from rnnlm.backbone import CELLS
 from rnnlm.corpora import CORPORA
+from rnnlm.errors import ConfigError, positive_integer, positive_number
+from rnnlm.network import NetworkConfig
 from rnnlm.vocab import LEVELS
 
 TASKS = ("lm", "bilm")
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # weight blocks per layer: one per gate and candidate
 # float32 weights, their gradients and the optimizer's two moments (AdamW; SGD with momentum keeps one)
 BYTES_PER_PARAMETER = 4 * 4
-
-
-class ConfigError(Exception):
-    """An invalid setting; the message names the key and how to fix it."""
-
-
-def _positive(problems: list[str], key: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        extra = " or null" if allow_none else ""
-        problems.append(f"{key}={value} must be a positive integer{extra}")
-
-
-def _positive_number(problems: list[str], key: str, value) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        problems.append(f"{key}={value} must be a positive number")
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -48,25 +32,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"{', '.join(missing)} must be set (??? in the config): add {missing[0]}=...")
     problems: list[str] = []
     model, data = cfg.model, cfg.data
-    if model.cell not in CELLS:
-        problems.append(f"model.cell={model.cell} is unknown: use model={'|'.join(CELLS)}")
-    _positive(problems, "model.hidden_size", model.hidden_size)
-    _positive(problems, "model.num_layers", model.num_layers)
-    _positive(problems, "model.embedding_dim", model.embedding_dim, allow_none=True)
-    if not 0 <= model.dropout < 1:
-        problems.append(f"model.dropout={model.dropout} must be in [0, 1)")
-    if model.nonlinearity not in NONLINEARITIES:
-        problems.append(f"model.nonlinearity={model.nonlinearity} must be one of {'|'.join(NONLINEARITIES)}")
-    decoder_input = model.hidden_size * (2 if model.bidirectional else 1)
-    if model.tie_weights and model.embedding_dim != decoder_input:
-        problems.append(
-            f"model.tie_weights=true needs model.embedding_dim ({model.embedding_dim}) == the decoder's input "
-            f"size ({decoder_input}): set model.embedding_dim={decoder_input} or model.tie_weights=false"
-        )
-    if model.impl not in IMPLS:
-        problems.append(f"model.impl={model.impl} must be one of {'|'.join(IMPLS)}")
-    if model.cell == "gru" and not model.reset_after and model.impl != "scratch":
-        problems.append("model.reset_after=false (the original GRU) has no fused kernel: add model.impl=scratch")
+    problems += NetworkConfig.problems_of(model)
     if cfg.task not in TASKS:
         problems.append(f"task={cfg.task} must be one of {'|'.join(TASKS)}")
     elif model.bidirectional and cfg.task != "bilm":
@@ -81,8 +47,8 @@ def check_train_config(cfg: DictConfig) -> None:
     if data.mode not in MODES:
         problems.append(f"data.mode={data.mode} must be one of {'|'.join(MODES)}")
     for key in ("seq_len", "batch_size", "eval_batch_size", "min_freq"):
-        _positive(problems, f"data.{key}", data[key])
-    _positive(problems, "data.max_size", data.max_size, allow_none=True)
+        positive_integer(problems, f"data.{key}", data[key])
+    positive_integer(problems, "data.max_size", data.max_size, allow_none=True)
     if not data.path and data.corpus not in CORPORA:
         problems.append(f"data.corpus={data.corpus} is unknown: use one of {'|'.join(CORPORA)} or data.path=FILE")
     split = list(data.split)
@@ -90,7 +56,7 @@ def check_train_config(cfg: DictConfig) -> None:
         problems.append(f"data.split={split} must be three fractions (train, valid, test) summing to at most 1")
     if cfg.seed is not None and (not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool)):
         problems.append(f"seed={cfg.seed} must be an integer (or null for a random one)")
-    _positive_number(problems, "optimizer.lr", cfg.optimizer.lr)
+    positive_number(problems, "optimizer.lr", cfg.optimizer.lr)
     if str(cfg.trainer.accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append(f"trainer.accelerator={cfg.trainer.accelerator} but no GPU is available: use trainer=cpu, "
                         "or trainer=default (a GPU when there is one)")
@@ -169,7 +135,7 @@ def check_generate_config(cfg: DictConfig) -> None:
         problems.append(f"seed={cfg.seed} must be an integer")
     if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 0:
         problems.append(f"max_new_tokens={cfg.max_new_tokens} must be an integer >= 0")
-    _positive(problems, "num_samples", cfg.num_samples)
+    positive_integer(problems, "num_samples", cfg.num_samples)
     if not cfg.greedy and not cfg.temperature > 0:
         problems.append(f"temperature={cfg.temperature} must be > 0 (or set greedy=true)")
     if cfg.top_k is not None and (not isinstance(cfg.top_k, int) or cfg.top_k < 1):

@@ -13,7 +13,7 @@ from rnnlm.backbone import State, detach_state
 from rnnlm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, NonFiniteError
 from rnnlm.cuda_graph import GraphedStep
 from rnnlm.datamodule import IGNORE_INDEX
-from rnnlm.network import LanguageModel, sequence_loss
+from rnnlm.network import LanguageModel, NetworkConfig, sequence_loss
 from rnnlm.vocab import Vocab, loss_in_units
 
 RESUME_KEY = "rnnlm_resume"  # what only a resumed training run reads
@@ -43,35 +43,14 @@ class RecurrentLM(L.LightningModule):
             ``gradient_clip_algorithm`` (Lightning clips only steps it runs itself).
         optimizer: ``params -> Optimizer`` (a Hydra partial).
         scheduler: ``optimizer -> LRScheduler`` (a Hydra partial), stepped per epoch on ``val/loss``.
-        Other arguments: see :class:`LanguageModel`.
+        network: the fields of :class:`~rnnlm.network.NetworkConfig` but ``vocab_size`` (``model.*``).
     """
 
-    def __init__(
-        self,
-        vocab: Vocab,
-        cell: str = "lstm",
-        embedding_dim: int | None = 200,
-        hidden_size: int = 200,
-        num_layers: int = 2,
-        dropout: float = 0.2,
-        nonlinearity: str = "tanh",
-        tie_weights: bool = False,
-        init_range: float = 0.1,
-        bidirectional: bool = False,
-        impl: str = "fused",
-        reset_after: bool = True,
-        compile: bool = False,
-        cuda_graph: bool = False,
-        init_all: bool = False,
-        carry_state: bool = True,
-        optimizer: Callable | None = None,
-        scheduler: Callable | None = None,
-    ):
+    def __init__(self, vocab: Vocab, carry_state: bool = True, compile: bool = False, cuda_graph: bool = False,
+                 optimizer: Callable | None = None, scheduler: Callable | None = None, **network):
         super().__init__()
-        self.save_hyperparameters(ignore=["vocab", "optimizer", "scheduler"], logger=False)
         self.vocab = vocab
-        self.net = LanguageModel(len(vocab), cell, embedding_dim, hidden_size, num_layers, dropout,
-                                 nonlinearity, tie_weights, init_range, bidirectional, impl, reset_after, init_all)
+        self.net = LanguageModel(NetworkConfig(vocab_size=len(vocab), **network))
         if compile:  # torch.compile in place: the state dict keeps its names; the first step pays for compiling
             for stack in (self.net.backbone, self.net.backward_backbone):
                 if stack is not None:
@@ -271,7 +250,7 @@ class RecurrentLM(L.LightningModule):
         # Plain data only, so a checkpoint loads with torch.load(weights_only=True) and needs no config.
         checkpoint[CHECKPOINT_KEY] = {
             "format": CHECKPOINT_FORMAT,
-            "network": dict(self.net.config),
+            "network": self.net.config.settings(),
             "vocab": self.vocab.to_dict(),
             "carry_state": self.carry_state,
             "world_size": self.trainer.world_size,  # stream columns were eval_batch_size x this

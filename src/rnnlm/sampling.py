@@ -31,14 +31,14 @@ class Stepper:
         if net.bidirectional:
             raise ValueError("a bidirectional model cannot generate text: it predicts tokens from both sides")
         config = net.config
-        self.cell = config["cell"]
-        self.hidden = config["hidden_size"]
-        self.relu = self.cell == "rnn" and config["nonlinearity"] == "relu"
-        self.reset_after = config["reset_after"]
+        self.cell = config.cell
+        self.hidden = config.hidden_size
+        self.relu = self.cell == "rnn" and config.nonlinearity == "relu"
+        self.reset_after = config.reset_after
         weights = net.backbone.fused_state_dict(strict=False)
         self.layers = []
         with torch.no_grad():
-            for k in range(config["num_layers"]):
+            for k in range(config.num_layers):
                 w_ih, w_hh = weights[f"weight_ih_l{k}"], weights[f"weight_hh_l{k}"]
                 b_ih, b_hh = weights[f"bias_ih_l{k}"], weights[f"bias_hh_l{k}"]
                 if self.cell == "gru":  # the candidate's recurrent part is gated by r: keep it apart
