@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rnnlm.errors import CheckpointError, NonFiniteError
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.vocab import Vocab
 
@@ -25,14 +26,6 @@ CHECKPOINT_KEY = "rnnlm"  # the plain-data part of a checkpoint that eval/genera
 CHECKPOINT_FORMAT = 1
 CONFIG_KEY = "rnnlm_config"  # the training run's config, so `ckpt_path=...` alone resumes it
 _ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"  # torch.save's zip format; its legacy pickle format
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, damaged, unsafe, or not one of ours; the message says which."""
-
-
-class NonFiniteError(Exception):
-    """Training produced NaN or infinite values; the message names the step and what was kept."""
 
 
 def write_checkpoint(checkpoint: dict, path: str | Path) -> None:

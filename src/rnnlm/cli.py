@@ -23,10 +23,8 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from rnnlm.checkpoint import CheckpointError, NonFiniteError, written_by_torch
-from rnnlm.checks import ConfigError
-from rnnlm.corpora import DataError
-from rnnlm.vocab import VocabularyError
+from rnnlm.checkpoint import written_by_torch
+from rnnlm.errors import ConfigError, UserError
 
 # The stream loader is an IterableDataset with a length, read without worker processes, so the
 # length is exact; Lightning's warning about workers duplicating data does not apply.
@@ -47,7 +45,6 @@ for _handler in logging.getLogger("lightning.pytorch").handlers:
     _handler.addFilter(_NoAdverts())
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable install)
-USER_ERRORS = (ConfigError, DataError, CheckpointError, VocabularyError, NonFiniteError)
 LISTED_SWEEPS = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
 T = TypeVar("T")
 
@@ -60,7 +57,7 @@ def exit_on_user_error(task: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args, **kwargs):
         try:
             return task(*args, **kwargs)
-        except USER_ERRORS as err:
+        except UserError as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for the whole story
                 raise
             print(f"error: {err}", file=sys.stderr)

@@ -21,13 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rnnlm.errors import DataError
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
-
-
-class DataError(Exception):
-    """A problem with the input data; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)

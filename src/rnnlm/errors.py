@@ -1,12 +1,33 @@
-"""The error a bad setting raises, and the checks that phrase it: ``key=value`` and how to fix it."""
+"""The errors a user can fix, under one base class that every command catches (one line, exit status 2),
+and the checks that phrase a bad setting as ``key=value`` and how to fix it."""
 
 from __future__ import annotations
 
 import math
 
 
-class ConfigError(Exception):
+class UserError(Exception):
+    """A mistake the user can fix: the commands print ``error: <message>`` and exit with status 2."""
+
+
+class ConfigError(UserError):
     """An invalid setting; the message names the key and how to fix it."""
+
+
+class DataError(UserError):
+    """A problem with the input data; the message names the problem and the fix."""
+
+
+class VocabularyError(UserError, ValueError):
+    """Text that the vocabulary cannot encode; the message names the tokens."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, damaged, unsafe, or not one of ours; the message says which."""
+
+
+class NonFiniteError(UserError):
+    """Training produced NaN or infinite values; the message names the step and what was kept."""
 
 
 def positive_integer(problems: list[str], key: str, value, allow_none: bool = False) -> None:

@@ -8,6 +8,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from rnnlm.errors import VocabularyError
+
 log = logging.getLogger(__name__)
 
 UNK = "<unk>"
@@ -22,10 +24,6 @@ def loss_in_units(loss: float, level: str) -> tuple[str, float]:
     if level == "char":
         return "bpc", loss / math.log(2)
     return "ppl", math.exp(min(loss, 700.0))  # exp overflows a float beyond ~709
-
-
-class VocabularyError(ValueError):
-    """Text that the vocabulary cannot encode; the message names the tokens."""
 
 
 def split_line(line: str, level: str) -> list[str]:
