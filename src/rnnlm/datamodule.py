@@ -136,6 +136,44 @@ def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers:
                       num_workers=num_workers, generator=generator, pin_memory=pin_memory)
 
 
+def split_dataset(ids: np.ndarray, vocab: Vocab, mode: str, seq_len: int, batch_size: int, *, train: bool = False,
+                  rank: int = 0, world_size: int = 1, name: str = "evaluation") -> Dataset:
+    """The dataset of one split, as training reads it: :class:`TextDataModule` and ``eval.py`` both build theirs here.
+
+    Args:
+        ids: the split's token ids (a memory map is fine).
+        vocab: the vocabulary the ids are in; sentence mode starts each line with its ``<bos>``.
+        mode: ``stream`` or ``sentence``, the data mode the model was trained in. Not what the model
+            carries: a bidirectional model carries no state, yet trains on stream windows.
+        seq_len: time steps per stream chunk; in sentence mode the longest training line.
+        batch_size: stream columns on this process (the loader batches sentences itself).
+        train: the training pass. Only its sentences are cut to ``seq_len``: evaluation reads whole lines,
+            so that its score covers every token.
+        rank / world_size: this process and how many share the split (stream columns are split between them;
+            sentences are dealt out by the loader's :class:`EvenShards`).
+        name: the split, for messages.
+
+    Raises:
+        DataError: too few tokens for the columns, no non-empty line, or fewer lines than processes.
+    """
+    if mode == "stream":
+        return StreamChunks(ids, batch_size, seq_len, rank, world_size, name)
+    if mode != "sentence":
+        raise DataError(f"data mode {mode!r} is unknown: use one of {'|'.join(MODES)}")
+    if vocab.bos_id is None:  # prepare() gives every sentence-mode vocabulary one
+        raise DataError("sentence mode starts each line with <bos>, which this vocabulary lacks "
+                        "(a stream-mode vocabulary): read this data in stream mode")
+    dataset = Sentences(ids, vocab.line_end_id, vocab.bos_id, seq_len if train else None)
+    if len(dataset) == 0:
+        raise DataError(f"the {name} split has no non-empty line: sentence mode needs lines of text")
+    if not train and len(dataset) < world_size:
+        raise DataError(f"the {name} split has {len(dataset)} lines, fewer than the {world_size} "
+                        "processes that share it: use more text or fewer devices")
+    if dataset.truncated:
+        log.warning("%s: %d lines longer than data.seq_len=%d tokens are cut to it", name, dataset.truncated, seq_len)
+    return dataset
+
+
 class TextDataModule(L.LightningDataModule):
     """Word- or char-level corpus as stream chunks (truncated BPTT) or padded sentences.
 
@@ -210,22 +248,8 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         for split in ("train", "valid", "test"):
             rows = hp.batch_size if split == "train" else hp.eval_batch_size
-            ids = prepared.splits[split]
-            if hp.mode == "stream":
-                self.datasets[split] = StreamChunks(ids, rows, hp.seq_len, rank, world, split)
-            else:
-                vocab = prepared.vocab
-                # Validation and test read whole lines, so their score covers every token of the split.
-                max_len = hp.seq_len if split == "train" else None
-                self.datasets[split] = Sentences(ids, vocab.line_end_id, vocab.bos_id, max_len)
-                if len(self.datasets[split]) == 0:
-                    raise DataError(f"the {split} split has no non-empty line: sentence mode needs lines of text")
-                if split != "train" and len(self.datasets[split]) < world:
-                    raise DataError(f"the {split} split has {len(self.datasets[split])} lines, fewer than the {world} "
-                                    "processes that share it: use more text or fewer devices")
-                if self.datasets[split].truncated:
-                    log.warning("%s: %d lines longer than data.seq_len=%d tokens are cut to it",
-                                split, self.datasets[split].truncated, hp.seq_len)
+            self.datasets[split] = split_dataset(prepared.splits[split], prepared.vocab, hp.mode, hp.seq_len, rows,
+                                                 train=split == "train", rank=rank, world_size=world, name=split)
 
     def state_dict(self) -> dict:
         """Where the training stream stands: the chunks of this epoch already trained on."""

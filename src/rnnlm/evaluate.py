@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -11,17 +12,19 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
+from rnnlm.checkpoint import LoadedModel, load_checkpoint, resolve_checkpoint
 from rnnlm.checks import ConfigError
 from rnnlm.cli import CONF_DIR, check_output, exit_on_user_error, pick_device, run_command
 from rnnlm.corpora import SPLITS, DataError, path_source
-from rnnlm.datamodule import Sentences, StreamChunks, TextDataModule, make_loader
+from rnnlm.datamodule import TextDataModule, make_loader, split_dataset
 from rnnlm.prepare import encode_text
 from rnnlm.vocab import loss_in_units
 
 log = logging.getLogger(__name__)
 
 MAX_UNK_SHARE = 0.5  # above this share of <unk>, a perplexity says nothing about the model
+# What TextDataModule records when a config leaves an argument out: the fallback for a key a checkpoint lacks.
+DATA_DEFAULTS = {name: p.default for name, p in inspect.signature(TextDataModule).parameters.items()}
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -31,32 +34,24 @@ def evaluate(cfg: DictConfig) -> dict:
     accelerator, devices = trainer_device(pick_device(cfg.device))
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
     loaded = load_checkpoint(ckpt_path)  # on the CPU: the Trainer moves the module to the device
-    vocab, trained_on = loaded.vocab, loaded.data
+    if not cfg.data.path and not {"corpus", "path"} & loaded.data.keys():
+        raise ConfigError("the checkpoint does not record its training data: give data.path=FILE")
+    vocab, trained = loaded.vocab, recorded_data(loaded)
     if cfg.data.path:
         source = path_source(Path(cfg.data.path).expanduser())
         split = None if "all" in source.files else cfg.split  # a lone file is evaluated whole
-    elif trained_on:
-        settings = {**trained_on, "data_dir": cfg.paths.data_dir, "cache_dir": cfg.paths.cache_dir}
-        source, split = TextDataModule(**settings).source(), cfg.split
     else:
-        raise ConfigError("the checkpoint does not record its training data: give data.path=FILE")
+        where = {"data_dir": cfg.paths.data_dir, "cache_dir": cfg.paths.cache_dir}  # this machine's, not training's
+        source, split = TextDataModule(**{**trained, **where}).source(), cfg.split
     ids = encode_text(source, vocab.level, vocab, split)
     if vocab.unk_id is not None and len(ids) and (unk_share := float((ids == vocab.unk_id).mean())) > MAX_UNK_SHARE:
         raise DataError(
             f"{unk_share:.0%} of the tokens of {source.name} are outside the checkpoint's vocabulary: this text "
             "does not match the model (a different language or tokenization?); evaluate on text like its training data"
         )
-    # A bidirectional model trains on stream windows too, though it carries no state between them.
-    stream = trained_on.get("mode", "stream") == "stream"
-    # Training cut the stream into eval_batch_size columns on each of its processes: as many columns in
-    # all score the same tokens in the same windows, so eval reproduces the logged val/loss.
-    columns = trained_on.get("eval_batch_size", 10) * (loaded.info["world_size"] if stream else 1)
-    batch_size = cfg.data.batch_size or columns
-    seq_len = cfg.data.seq_len or trained_on.get("seq_len", 128)
-    if stream:
-        dataset = StreamChunks(ids, batch_size, seq_len, split=split or "evaluation")
-    else:
-        dataset = Sentences(ids, vocab.line_end_id, vocab.start_id, None)  # whole lines: every token scored
+    mode, batch_size, seq_len = evaluation_layout(trained, loaded.info["world_size"], cfg.data.batch_size,
+                                                  cfg.data.seq_len)
+    dataset = split_dataset(ids, vocab, mode, seq_len, batch_size, name=split or "evaluation")
     trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
     metrics = trainer.test(loaded.module, dataloaders=make_loader(dataset, batch_size), verbose=False)[0]
@@ -68,12 +63,51 @@ def evaluate(cfg: DictConfig) -> dict:
         "level": vocab.level,
         "tokens": int(metrics["test/tokens"]),
         "batch_size": batch_size,
-        "seq_len": seq_len,
+        "seq_len": seq_len if mode == "stream" else None,  # sentences are read whole
         "loss": loss,
     }
     unit, value = loss_in_units(loss, vocab.level)
     result[unit] = value
     return result
+
+
+def recorded_data(loaded: LoadedModel) -> dict:
+    """The training data settings of a checkpoint (:class:`TextDataModule`'s arguments), complete.
+
+    rnnlm's checkpoints record every argument. For one that lacks some (written without TextDataModule,
+    or edited by hand):
+
+    - ``mode`` is worked out from the model: training carries the state of a causal LM in stream mode
+      only, and a bidirectional model (``task=bilm``) trains in stream mode, so a model that carries no
+      state and reads one way was trained on sentences.
+    - every other argument takes TextDataModule's default (:data:`DATA_DEFAULTS`), with a warning for
+      ``seq_len`` and ``eval_batch_size``, which decide the stream windows: the score may then differ from
+      the run's own validation (give ``data.seq_len`` and ``data.batch_size`` to match it).
+    """
+    settings = {**DATA_DEFAULTS, **loaded.data}
+    if "mode" not in loaded.data:
+        settings["mode"] = "stream" if loaded.info["carry_state"] or loaded.net.bidirectional else "sentence"
+    if settings["mode"] == "stream":
+        for key in ("seq_len", "eval_batch_size"):
+            if key not in loaded.data:
+                log.warning("the checkpoint does not record data.%s: %s unless given (the score may differ "
+                            "from the run's own)", key, settings[key])
+    return settings
+
+
+def evaluation_layout(trained: dict, world_size: int, batch_size: int | None = None,
+                      seq_len: int | None = None) -> tuple[str, int, int]:
+    """``(mode, batch_size, seq_len)`` to read text as a training run read its validation split, from its data
+    settings (:func:`recorded_data`) and how many processes it ran on; a ``batch_size`` or ``seq_len`` given wins.
+
+    Training cut the stream into ``eval_batch_size`` columns on each of its processes, rank r reading the
+    r-th block of them: one process reading as many columns in all scores the same tokens in the same
+    windows, so eval reproduces the logged val/loss. Sentences are scored whole whatever their batch, so
+    one process's batch size will do.
+    """
+    stream = trained["mode"] == "stream"
+    batch_size = batch_size or trained["eval_batch_size"] * (world_size if stream else 1)
+    return trained["mode"], batch_size, seq_len or trained["seq_len"]
 
 
 def trainer_device(device: torch.device) -> tuple[str, int | list[int]]:
