@@ -14,6 +14,11 @@ from rnnlm.network import LanguageModel, NetworkConfig
 FUSED = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
+def assert_close_named(actual, expected, name: str) -> None:
+    """torch.testing.assert_close with the parameter's name in front of its report of the difference."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=lambda report: f"{name}: {report}")
+
+
 def sigmoid(v: float) -> float:
     return 1 / (1 + math.exp(-v))
 
@@ -107,25 +112,25 @@ def test_scratch_equals_fused_outputs_and_gradients(cell, bidirectional):
     state = (h0, torch.randn(2 * d, 3, 7)) if cell == "lstm" else h0
     out_f, final_f = fused(x1, state)
     out_s, final_s = scratch(x2, state)
-    assert torch.allclose(out_f, out_s, atol=1e-5)
+    torch.testing.assert_close(out_f, out_s, rtol=1e-5, atol=1e-5)
     for a, b in zip(final_f if cell == "lstm" else [final_f], final_s if cell == "lstm" else [final_s], strict=True):
-        assert torch.allclose(a, b, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     upstream = torch.randn_like(out_f)
     (out_f * upstream).sum().backward()
     (out_s * upstream).sum().backward()
-    assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
     grads = _grads_in_fused_layout(scratch)
     for name, p in fused.named_parameters():
         if name.startswith("bias_hh"):  # the textbook b is bias_ih + bias_hh: both get b's gradient
             keep = slice(0, 14) if cell == "gru" else slice(None)  # GRU's candidate keeps its own b_hg
-            assert torch.allclose(p.grad[keep], grads[name.replace("hh", "ih")][keep], atol=1e-5), name
+            assert_close_named(p.grad[keep], grads[name.replace("hh", "ih")][keep], name)
             if cell == "gru":
-                assert torch.allclose(p.grad[14:], grads[name][14:], atol=1e-5), name
+                assert_close_named(p.grad[14:], grads[name][14:], name)
         else:
-            assert torch.allclose(p.grad, grads[name], atol=1e-5), name
+            assert_close_named(p.grad, grads[name], name)
     restored = FUSED[cell](5, 7, num_layers=2, batch_first=True, bidirectional=bidirectional)
     restored.load_state_dict(to_fused(scratch))  # and back: the converted weights give the same outputs
-    assert torch.allclose(restored(x1, state)[0], out_f, atol=1e-6)
+    torch.testing.assert_close(restored(x1, state)[0], out_f, rtol=1e-5, atol=1e-6)
 
 
 def test_language_model_weights_convert_between_implementations():
@@ -136,7 +141,7 @@ def test_language_model_weights_convert_between_implementations():
     scratch.load_state_dict(other, strict=False)
     scratch.backbone.load_fused_state_dict(fused.backbone.fused_state_dict())
     tokens = torch.randint(0, 40, (2, 9))
-    assert torch.allclose(fused(tokens)[0], scratch(tokens)[0], atol=1e-5)
+    torch.testing.assert_close(fused(tokens)[0], scratch(tokens)[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -185,7 +190,8 @@ def test_bidirectional_lm_never_sees_its_target(impl):
         changed = tokens.clone()
         changed[:, t] = (changed[:, t] + 1) % 30
         new, _ = net(changed)
-        assert torch.allclose(new[:, t], logits[:, t], atol=1e-6)  # the prediction for t ignores token t
+        # the prediction for t ignores token t
+        torch.testing.assert_close(new[:, t], logits[:, t], rtol=1e-5, atol=1e-6)
         neighbours = [s for s in (t - 1, t + 1) if 0 <= s < 10]
         assert all(not torch.allclose(new[:, s], logits[:, s]) for s in neighbours)  # but its neighbours see it
 

@@ -97,3 +97,18 @@ def test_a_checkpoint_stores_the_network_once(make_cfg, tiny_corpus):
     data = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert "hyper_parameters" not in data
     assert NetworkConfig.from_settings(data[CHECKPOINT_KEY]["network"]).cell == "gru"
+
+
+@pytest.mark.parametrize("override", ["hydra/launcher=slurm", "hydra/launcher=submitit_local",
+                                      "hydra/launcher=joblib", "hparams_search=optuna"])
+def test_sweep_settings_compose_and_name_installed_plugins(override):
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import _locate
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[override], return_hydra_config=True)
+    OmegaConf.resolve(cfg.hydra.sweeper)
+    node = cfg.hydra.sweeper if override.startswith("hparams_search") else cfg.hydra.launcher
+    assert _locate(node._target_) is not None  # the plugin is installed and the class is where the config says
+    if override == "hparams_search=optuna":
+        assert {"optimizer.lr", "model.dropout"} <= set(cfg.hydra.sweeper.params)

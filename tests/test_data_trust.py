@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from conftest import PANGRAMS, REPO
+from helpers import PANGRAMS, REPO
 from rnnlm import corpora
 from rnnlm.corpora import CORPORA, DataError, RemoteFile, named_source, path_source, read_lines, text_lines
 from rnnlm.datamodule import IGNORE_INDEX, EvenShards, TextDataModule

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.datamodule import StreamChunks, TextDataModule
 from rnnlm.network import sequence_loss
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, compose_train
+from helpers import REPO, compose_train
 from rnnlm.checks import ConfigError, check_model_memory, check_train_config, count_parameters
 from rnnlm.cli import CONF_DIR, check_command_line, check_output, pick_device
 from rnnlm.generate import read_prompt

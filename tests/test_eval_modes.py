@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO
+from helpers import REPO
 from rnnlm.cli import CONF_DIR
 from rnnlm.datamodule import IGNORE_INDEX, TextDataModule, make_loader, split_dataset
 from rnnlm.evaluate import evaluate, evaluation_layout, recorded_data

@@ -21,7 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import PANGRAMS, REPO, compose_train
+from helpers import PANGRAMS, REPO, compose_train
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.cli import CONF_DIR
 from rnnlm.evaluate import evaluate

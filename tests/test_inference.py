@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, compose_train, write_tiny_corpus
+from helpers import REPO, Payload, compose_train, write_tiny_corpus
 from rnnlm.checkpoint import CheckpointError, load_checkpoint
 from rnnlm.checks import ConfigError, check_generate_config
 from rnnlm.cli import CONF_DIR
@@ -195,16 +195,6 @@ def test_score_ranks_the_right_candidate_first(overfit_runs):
         rank_candidates(loaded.net, loaded.vocab, "no blank here", ["a"])
     with pytest.raises(ConfigError, match="candidates is empty"):
         rank_candidates(loaded.net, loaded.vocab, "the ___", [])
-
-
-class Payload:
-    """Unpickling this object would create a file: the proof that code ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 def test_a_checkpoint_with_a_pickled_object_is_refused_without_running_it(overfit_runs, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO
+from helpers import REPO
 from rnnlm import evaluate as evaluate_module
 from rnnlm import generate as generate_module
 from rnnlm import score as score_module

@@ -10,14 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO, Payload, scalars
 from rnnlm.callbacks import AtomicCheckpointIO
 from rnnlm.checkpoint import CheckpointError, NonFiniteError
 from rnnlm.corpora import DataError
 from rnnlm.module import RecurrentLM
 from rnnlm.train import train
-from test_inference import Payload
-from test_train import scalars
 
 
 def test_same_seed_same_loss_curve(make_cfg, tiny_corpus, tmp_path):

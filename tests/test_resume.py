@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 from rnnlm.checkpoint import CheckpointError, NonFiniteError, load_checkpoint
 from rnnlm.resume import resume_config
 from rnnlm.train import train

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PANGRAMS, REPO, compose_train
+from helpers import PANGRAMS, REPO, compose_train
 from rnnlm.checks import ConfigError
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.score import fill_blank, rank_candidates, rank_fillers, unknown_candidates

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from rnnlm.report import write_report
 
 SMALL = ["model.embedding_dim=8", "model.num_layers=1", "data.seq_len=8", "data.batch_size=4",

@@ -11,16 +11,9 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers import REPO, scalars
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.train import train
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def scalars(run_dir: Path) -> dict[str, list[float]]:
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 @pytest.mark.parametrize("level", ["char", "word"])
