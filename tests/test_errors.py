@@ -45,7 +45,8 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
     "config,argv,message",
     [
         ("train", ["model.hidden_sise=10"],
-         "model.hidden_sise is not a setting: check the name in conf/ (add a new key with +model.hidden_sise=...)"),
+         "model.hidden_sise is not a setting: check the name in rnnlm/conf/ "
+         "(add a new key with +model.hidden_sise=...)"),
         ("train", ["model=foo"], "model=foo is not a choice: use one of gru, lstm, rnn"),
         ("train", ["trainer=tpu"], "trainer=tpu is not a choice: use one of cpu, ddp, default, gpu"),
         ("train", ["model=rnn,lstm"], "model=rnn,lstm is a sweep: add -m"),
@@ -79,7 +80,7 @@ def test_good_command_lines_pass(config, argv):
 
 def test_hydra_errors_end_in_one_line_from_the_commands(checkpoint, tmp_path):
     line = _one_error_line(_cli("train.py", "model.hidden_sise=10", cwd=tmp_path))
-    assert line == ("error: model.hidden_sise is not a setting: check the name in conf/ "
+    assert line == ("error: model.hidden_sise is not a setting: check the name in rnnlm/conf/ "
                     "(add a new key with +model.hidden_sise=...)")
     assert not (tmp_path / "outputs").exists()  # refused before Hydra made a run folder
     _one_error_line(_cli("generate.py", f"ckpt_path={checkpoint}", "seed=abc"))

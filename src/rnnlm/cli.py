@@ -44,7 +44,7 @@ class _NoAdverts(logging.Filter):
 for _handler in logging.getLogger("lightning.pytorch").handlers:
     _handler.addFilter(_NoAdverts())
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable install)
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package, so any install has it
 LISTED_SWEEPS = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
 T = TypeVar("T")
 
@@ -120,7 +120,7 @@ def describe_hydra_error(err: HydraException) -> str:
         return f"{group}={name} is not a choice: use one of {options}"
     unknown = re.match(r"Could not override '([^']+)'", str(err))  # not in the config, nor in its defaults list
     if unknown:
-        return f"{unknown[1]} is not a setting: check the name in conf/ (add a new key with +{unknown[1]}=...)"
+        return f"{unknown[1]} is not a setting: check the name in rnnlm/conf/ (add a new key with +{unknown[1]}=...)"
     if isinstance(err, OverrideParseException):
         return (f"cannot read the override {err.override!r}: write key=value, and quote a value with spaces, "
                 "commas or non-ASCII letters: \"key='...'\" (https://hydra.cc/docs/advanced/override_grammar/basic)")

@@ -18,7 +18,7 @@ from rnnlm.errors import ConfigError, positive_integer
 class NetworkConfig:
     """Everything that shapes a :class:`LanguageModel`, and nothing else; ``model.*`` in the configs (and a
     checkpoint's ``network`` section) are its fields by name. A new model option is a field here and a
-    line in ``conf/model/_recurrent.yaml``.
+    line in ``rnnlm/conf/model/_recurrent.yaml``.
 
     Fields:
         vocab_size: number of token ids (comes from the data, not the config).

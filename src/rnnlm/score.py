@@ -1,4 +1,5 @@
-"""Score sentences with a checkpoint (``conf/score.yaml``): fill-in-the-blank ranking and per-line log-probabilities."""
+"""Score sentences with a checkpoint (``rnnlm/conf/score.yaml``): fill-in-the-blank ranking and per-line
+log-probabilities."""
 
 from __future__ import annotations
 
