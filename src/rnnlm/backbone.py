@@ -15,11 +15,16 @@ MERGE_MODES = ("concat", "sum", "mul", "ave")
 State = Tensor | tuple[Tensor, Tensor]  # h, or (h, c) for LSTM; each (num_layers * directions, B, H)
 
 
-def detach_state(state: State | None) -> State | None:
-    """Keep the state's values but cut the graph: gradients stop at the chunk boundary (truncated BPTT)."""
+def map_state(state: State | None, fn) -> State | None:
+    """``fn`` applied to each tensor of a state (h, or the (h, c) pair); None stays None."""
     if state is None:
         return None
-    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+    return tuple(fn(s) for s in state) if isinstance(state, (tuple, list)) else fn(state)
+
+
+def detach_state(state: State | None) -> State | None:
+    """Keep the state's values but cut the graph: gradients stop at the chunk boundary (truncated BPTT)."""
+    return map_state(state, torch.Tensor.detach)
 
 
 class RecurrentBackbone(nn.Module):

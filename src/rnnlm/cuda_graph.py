@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from rnnlm.backbone import State, detach_state
+from rnnlm.backbone import State, detach_state, map_state
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,6 @@ ForwardLoss = Callable[[Tensor, Tensor, State | None], tuple[Tensor, State | Non
 
 def _tensors(state: State | None) -> tuple[Tensor, ...]:
     return () if state is None else state if isinstance(state, tuple) else (state,)
-
-
-def _zeros_like(state: State | None) -> State | None:
-    if state is None:
-        return None
-    return tuple(torch.zeros_like(s) for s in state) if isinstance(state, tuple) else torch.zeros_like(state)
 
 
 class GraphedStep:
@@ -63,10 +57,10 @@ class GraphedStep:
     def _body(self, inputs: Tensor, targets: Tensor, state: State | None) -> tuple[Tensor, Tensor, State | None]:
         loss, final = self.forward_loss(inputs, targets, state)
         loss.backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
         if self.clip_val and self.clip_algorithm == "norm":
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_val, foreach=True)
         else:  # the same norm, measured before any clipping, so the logged curve means one thing
+            grads = [p.grad for p in self.params if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss.new_zeros(())
             if self.clip_val:
                 torch.nn.utils.clip_grad_value_(self.params, self.clip_val, foreach=True)
@@ -107,7 +101,8 @@ class GraphedStep:
 
     def _capture(self, inputs: Tensor, targets: Tensor, state: State | None) -> bool:
         # A chunk that starts a pass has no state yet; the warm-up steps of this shape returned one.
-        self._static_in = (inputs.clone(), targets.clone(), _zeros_like(self._last_final if state is None else state))
+        shape_of_state = self._last_final if state is None else state
+        self._static_in = (inputs.clone(), targets.clone(), map_state(shape_of_state, torch.zeros_like))
         for p in self.params:
             p.grad = None  # the recorded backward allocates them from the graph's memory
         graph = torch.cuda.CUDAGraph()

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from rnnlm.backbone import State, detach_state
+from rnnlm.backbone import State, detach_state, map_state
 from rnnlm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, NonFiniteError
 from rnnlm.cuda_graph import GraphedStep
 from rnnlm.datamodule import IGNORE_INDEX
@@ -259,7 +259,7 @@ class RecurrentLM(L.LightningModule):
         # into the next chunk (every process's own, gathered: each reads its own columns) and the random
         # streams that draw the next dropout masks. Every process runs this hook, so the gather is collective.
         checkpoint[RESUME_KEY] = {
-            "train_state_by_rank": _map_state(self._state["train"], self._gather),
+            "train_state_by_rank": map_state(self._state["train"], self._gather),
             "best_val_loss": self.best_val_loss,
             "configured_lr": self._configured_lr(),
             "torch_rng": torch.get_rng_state(),
@@ -273,7 +273,7 @@ class RecurrentLM(L.LightningModule):
         self._device_step = None  # counted on from the (restored) global step
         # Restored (on_load_checkpoint) before Lightning moved the module, and in the saving run's dtype.
         dtype = self.net.decoder.weight.dtype
-        self._state["train"] = _map_state(self._state["train"], lambda s: s.to(self.device, dtype))
+        self._state["train"] = map_state(self._state["train"], lambda s: s.to(self.device, dtype))
         # The restored optimizer state holds the learning rate the run had reached; a resume that asks
         # for another one (e.g. lower, after a divergence) gets it.
         if self._new_lr and self._configured_lr() is not None:
@@ -296,18 +296,12 @@ class RecurrentLM(L.LightningModule):
         if "train_state_by_rank" in resume:
             by_rank = resume["train_state_by_rank"]
         else:
-            by_rank = _map_state(resume.get("train_state"), lambda s: s[None])
+            by_rank = map_state(resume.get("train_state"), lambda s: s[None])
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        self._state["train"] = _map_state(by_rank, lambda s: s[rank].to(self.device))
+        self._state["train"] = map_state(by_rank, lambda s: s[rank].to(self.device))
         torch.set_rng_state(resume["torch_rng"])
         if resume["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
-
-
-def _map_state(state: State | None, fn) -> State | None:
-    if state is None:
-        return None
-    return tuple(fn(s) for s in state) if isinstance(state, (tuple, list)) else fn(state)
 
 
 def _batch_rows(state: State) -> int:
