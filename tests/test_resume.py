@@ -252,3 +252,12 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(make_cfg, ti
     assert cfg.model.cuda_graph is False
     train(cfg, overrides=typed)
     assert _step_of(tmp_path / "b" / "checkpoints" / "last.ckpt") == 5
+
+
+def test_a_run_resumed_mid_epoch_measures_its_speed(make_cfg, tiny_corpus, tmp_path):
+    train(make_cfg(f"data.path={tiny_corpus}", "test=false", "trainer.max_steps=5", run_dir=tmp_path / "a"))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    typed = [f"ckpt_path={last}", "trainer.max_steps=12", "callbacks.tokens_per_second.window=3"]
+    cfg = resume_config(make_cfg(*typed, f"data.path={tiny_corpus}", run_dir=tmp_path / "b"), typed)
+    metrics = train(cfg, overrides=typed)  # Lightning skips on_train_epoch_start when it resumes mid-epoch
+    assert metrics["train/tokens_per_s"] > 0

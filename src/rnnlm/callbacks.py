@@ -322,6 +322,7 @@ class TokensPerSecond(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._world = trainer.world_size
         self._stream = getattr(trainer.datamodule, "carries_state", False)
+        self._restart()  # a run resumed mid-epoch gets no on_train_epoch_start
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._restart()
