@@ -40,8 +40,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 from rnnlm.checks import ConfigError
-from rnnlm.cli import CONF_DIR, USER_ERRORS, describe_hydra_error
+from rnnlm.cli import CONF_DIR, describe_hydra_error
 from rnnlm.corpora import named_source
+from rnnlm.errors import UserError
 from rnnlm.train import train
 
 LAST_LOSSES = 50  # the final training loss is the mean of this many last steps (as raw_lm.py reports it)
@@ -277,7 +278,7 @@ def main() -> None:
             try:
                 step_rate, wall_rate, loss, replays = run_rnnlm(args, args.out / f"round{round_}" / f"run{i}", extra)
             except (Exception, SystemExit) as err:  # one failing variant must not hide the others
-                refused = isinstance(err, USER_ERRORS)
+                refused = isinstance(err, UserError)
                 result["error"] = one_line(err)
                 result["status"] = "refused" if refused else "failed"
                 line.append(f"{name}: {result['status']}: {result['error']}")
