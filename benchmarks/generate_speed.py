@@ -5,7 +5,7 @@ The baseline is what every RNN code does, and what pytorch/examples' word_langua
 ``generate.py`` does: call ``torch.nn.LSTM``/``GRU`` (seq-first, as there) on one token with the
 carried hidden state, then ``torch.multinomial`` on softmax(logits / temperature) — no Lightning and
 no rnnlm code in the loop. Its weights are copied from rnnlm's network. rnnlm is
-``rnnlm.sampling.generate`` on a ``rnnlm.network.LanguageModel`` (it reads the prompt once, then takes
+``rnnlm.sampling.generate_tokens`` on a ``rnnlm.network.LanguageModel`` (it reads the prompt once, then takes
 one ``Stepper`` step per token). Both draw from a CPU generator with the same seed, so on the CPU they
 write the same text, which is checked. A third column re-runs the model on the whole growing prefix for
 every token: the lecture's reference for "no carried state", which no RNN code does; it is measured at
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnlm.network import LanguageModel, NetworkConfig
-from rnnlm.sampling import generate
+from rnnlm.sampling import generate_tokens
 
 WARMUP_TOKENS = 50
 
@@ -97,7 +97,8 @@ def contenders(net: LanguageModel, plain: PlainRNNModel, temperature: float, see
     """name -> function(prompt, tokens) returning the new tokens (B, N) on the CPU, each from a fresh generator."""
     return {
         "plain loop": lambda p, n: plain_generate(plain, p, n, temperature, torch.Generator().manual_seed(seed)),
-        "rnnlm": lambda p, n: generate(net, p, n, temperature, generator=torch.Generator().manual_seed(seed)).cpu(),
+        "rnnlm": lambda p, n: generate_tokens(net, p, n, temperature,
+                                              generator=torch.Generator().manual_seed(seed)).cpu(),
         "growing prefix": lambda p, n: naive_generate(net, p, n, temperature, torch.Generator().manual_seed(seed)),
     }
 

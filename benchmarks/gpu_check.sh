@@ -140,7 +140,7 @@ if "torch" in missing:
     sys.exit(2)
 if not missing:
     try:
-        import hydra, omegaconf, rnnlm, rnnlm.evaluate, rnnlm.generate, rnnlm.train  # noqa: E401, F401
+        import hydra, omegaconf, rnnlm, rnnlm.commands.eval, rnnlm.commands.generate, rnnlm.commands.train  # noqa: E401, F401
     except ImportError as err:
         print(f"error: rnnlm does not import: {err}")
         sys.exit(2)

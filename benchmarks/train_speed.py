@@ -40,10 +40,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 from rnnlm.checks import ConfigError
-from rnnlm.cli import CONF_DIR, describe_hydra_error
+from rnnlm.commands.cli import CONF_DIR, describe_hydra_error
+from rnnlm.commands.train import train
 from rnnlm.corpora import named_source
 from rnnlm.errors import UserError
-from rnnlm.train import train
 
 LAST_LOSSES = 50  # the final training loss is the mean of this many last steps (as raw_lm.py reports it)
 

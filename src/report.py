@@ -1,6 +1,6 @@
 """Summarise a sweep: `python src/report.py outputs/train/multiruns/<sweep>` (summary.csv, summary.md, curves.png)."""
 
-from rnnlm.report import main
+from rnnlm.commands.report import main
 
 if __name__ == "__main__":
     main()

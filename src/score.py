@@ -1,6 +1,6 @@
 """Score text with a checkpoint: `python src/score.py ckpt_path=... text="the ___ sat" candidates=[cat,dog]`."""
 
-from rnnlm.score import main
+from rnnlm.commands.score import main
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Train a recurrent language model: `python src/train.py model=gru data=char` (see rnnlm/conf/train.yaml)."""
 
-from rnnlm.train import main
+from rnnlm.commands.train import main
 
 if __name__ == "__main__":
     main()

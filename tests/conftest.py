@@ -50,7 +50,7 @@ def session_corpus(tmp_path_factory) -> Path:
 def train_tiny(tmp_path_factory, session_corpus, shared_data, cache_dir):
     """``train_tiny(*overrides)`` -> the run folder of a tiny char model trained on the tiny corpus (TINY
     sizes and ``data.path`` set, then ``overrides``). Each distinct set of overrides trains once per session."""
-    from rnnlm.train import train  # imports Lightning: only tests that train pay for it
+    from rnnlm.commands.train import train  # imports Lightning: only tests that train pay for it
 
     root = tmp_path_factory.mktemp("tiny-runs")
     runs: dict[tuple[str, ...], Path] = {}

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rnnlm.cli import CONF_DIR
+from rnnlm.commands.cli import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RNNLM_DATA_DIR", REPO.parent / "shared" / "data"))

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from rnnlm.corpora import DataError
-from rnnlm.datamodule import IGNORE_INDEX, Sentences, StreamChunks, pad_batch
+from rnnlm.datamodule import Sentences, StreamChunks, pad_batch
+from rnnlm.loss import IGNORE_INDEX, sequence_loss
 from rnnlm.module import RecurrentLM
-from rnnlm.network import sequence_loss
 from rnnlm.vocab import BOS, EOS, UNK, Vocab
 
 
@@ -107,5 +107,5 @@ def test_hidden_state_is_carried_detached_between_chunks(cell):
 
 def test_sequence_loss_counts_only_scored_targets():
     logits = torch.zeros(1, 3, 4)
-    total, count = sequence_loss(logits, torch.tensor([[1, IGNORE_INDEX, 2]]), IGNORE_INDEX)
+    total, count = sequence_loss(logits, torch.tensor([[1, IGNORE_INDEX, 2]]))
     assert count.item() == 2 and total.item() == pytest.approx(2 * np.log(4))

@@ -10,10 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from rnnlm.checkpoint import CHECKPOINT_KEY
-from rnnlm.cli import CONF_DIR
+from rnnlm.commands.cli import CONF_DIR
+from rnnlm.commands.train import train
 from rnnlm.errors import ConfigError
 from rnnlm.network import NetworkConfig
-from rnnlm.train import train
 
 
 def choices(group: str) -> list[str]:

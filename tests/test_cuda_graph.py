@@ -15,8 +15,8 @@ import torch
 
 import rnnlm.checks
 from rnnlm.checks import ConfigError
+from rnnlm.commands.train import train
 from rnnlm.cuda_graph import GraphedStep
-from rnnlm.train import train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -14,7 +14,7 @@ import torch
 from helpers import REPO
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.datamodule import StreamChunks, TextDataModule
-from rnnlm.network import sequence_loss
+from rnnlm.loss import sequence_loss
 
 
 @pytest.mark.slow
@@ -39,7 +39,7 @@ def test_ddp_on_two_cpu_processes_matches_single_process_evaluation(tmp_path, ti
     with torch.no_grad():
         for inputs, targets in valid:
             logits, state = loaded.net(inputs, state)
-            batch_total, batch_count = sequence_loss(logits, targets, -100)
+            batch_total, batch_count = sequence_loss(logits, targets)
             total, count = total + batch_total.item(), count + batch_count.item()
     assert logged == pytest.approx(total / count, rel=1e-5)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6

@@ -12,10 +12,10 @@ from hydra import compose, initialize_config_dir
 
 from helpers import REPO, compose_train
 from rnnlm.checks import ConfigError, check_model_memory, check_train_config, count_parameters
-from rnnlm.cli import CONF_DIR, check_command_line, check_output, pick_device
-from rnnlm.generate import read_prompt
+from rnnlm.commands.cli import CONF_DIR, check_command_line, check_output, pick_device
+from rnnlm.commands.generate import read_prompt
+from rnnlm.commands.train import train
 from rnnlm.network import LanguageModel, NetworkConfig
-from rnnlm.train import train
 
 
 @pytest.fixture(scope="module")

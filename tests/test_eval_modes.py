@@ -14,10 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from helpers import REPO
-from rnnlm.cli import CONF_DIR
-from rnnlm.datamodule import IGNORE_INDEX, TextDataModule, make_loader, split_dataset
-from rnnlm.evaluate import evaluate, evaluation_layout, recorded_data
-from rnnlm.prepare import encode_text
+from rnnlm.commands.cli import CONF_DIR
+from rnnlm.commands.eval import evaluate, evaluation_layout, recorded_data
+from rnnlm.datamodule import TextDataModule, make_loader, split_dataset
+from rnnlm.loss import IGNORE_INDEX
+from rnnlm.prepare import encode_split
 
 KINDS = {
     "stream": (),
@@ -90,7 +91,7 @@ def test_eval_reads_the_batches_training_validates_on(mode, world, tiny_corpus, 
         per_rank.append(list(data.val_dataloader()))
     # eval.py: the settings the checkpoint records (the datamodule's hparams), the split encoded anew
     vocab = data.vocab
-    ids = encode_text(data.source(), vocab.level, vocab, "valid")
+    ids = encode_split(data.source(), vocab, "valid")
     assert np.array_equal(ids, data.load().splits["valid"])
     trained = recorded_data(SimpleNamespace(data=dict(data.hparams), info={"carry_state": True}))
     mode_read, batch_size, seq_len = evaluation_layout(trained, world)

@@ -23,12 +23,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from helpers import PANGRAMS, REPO, compose_train
 from rnnlm.checkpoint import load_checkpoint
-from rnnlm.cli import CONF_DIR
-from rnnlm.evaluate import evaluate
-from rnnlm.generate import SEPARATOR, generate_texts
-from rnnlm.sampling import generate
-from rnnlm.score import fill_blank, sentence_logprobs
-from rnnlm.train import train
+from rnnlm.commands.cli import CONF_DIR
+from rnnlm.commands.eval import evaluate
+from rnnlm.commands.generate import SEPARATOR, generate_texts
+from rnnlm.commands.train import train
+from rnnlm.sampling import generate_tokens
+from rnnlm.scoring import fill_blank, sentence_logprobs
 
 DEVICE = os.environ.get("GPU_TEST_DEVICE", "cuda")
 DRY_RUN = DEVICE == "cpu"
@@ -108,7 +108,8 @@ def test_greedy_generation_is_the_same_on_the_gpu_and_the_cpu(gpu_ckpt):
     nets = {device: load_checkpoint(gpu_ckpt, device).net for device in (DEVICE, "cpu")}
     vocab = load_checkpoint(gpu_ckpt).vocab
     ids = vocab.encode_text("the quick")
-    out = {device: generate(net, torch.tensor([ids]), 80, greedy=True)[0].tolist() for device, net in nets.items()}
+    out = {device: generate_tokens(net, torch.tensor([ids]), 80, greedy=True)[0].tolist()
+           for device, net in nets.items()}
     gpu, cpu = out[DEVICE], out["cpu"]
     if gpu != cpu:  # only a near-tie may go either way: at the first difference both tokens are equally likely
         i = next(i for i, (a, b) in enumerate(zip(gpu, cpu, strict=True)) if a != b)
@@ -149,7 +150,8 @@ def test_sixteen_samples_as_one_batch_on_the_gpu(gpu_ckpt):
     # a generator on the GPU draws there; the same seed gives the same samples
     loaded = load_checkpoint(gpu_ckpt, DEVICE)
     prompt = torch.tensor([loaded.vocab.encode_text("the")] * 16, device=DEVICE)
-    draws = [generate(loaded.net, prompt, 30, generator=torch.Generator(DEVICE).manual_seed(0)) for _ in range(2)]
+    draws = [generate_tokens(loaded.net, prompt, 30, generator=torch.Generator(DEVICE).manual_seed(0))
+             for _ in range(2)]
     assert draws[0].shape == (16, 30) and draws[0].device == prompt.device
     assert torch.equal(draws[0], draws[1]) and int(draws[0].max()) < len(loaded.vocab)
 

@@ -15,13 +15,13 @@ from hydra import compose, initialize_config_dir
 from helpers import REPO, Payload, compose_train, write_tiny_corpus
 from rnnlm.checkpoint import CheckpointError, load_checkpoint
 from rnnlm.checks import ConfigError, check_generate_config
-from rnnlm.cli import CONF_DIR
-from rnnlm.evaluate import evaluate
-from rnnlm.generate import generate_texts
+from rnnlm.commands.cli import CONF_DIR
+from rnnlm.commands.eval import evaluate
+from rnnlm.commands.generate import generate_texts
+from rnnlm.commands.train import train
 from rnnlm.network import LanguageModel, NetworkConfig
-from rnnlm.sampling import Stepper, generate
-from rnnlm.score import rank_candidates, sentence_logprobs
-from rnnlm.train import train
+from rnnlm.sampling import Stepper, generate_tokens
+from rnnlm.scoring import rank_candidates, sentence_logprobs
 from rnnlm.vocab import UNK, Vocab, VocabularyError
 
 
@@ -72,7 +72,7 @@ def _random_net():
 def _sample(net, **kwargs):
     seed = kwargs.pop("seed", 0)
     prompt = torch.zeros(2, 1, dtype=torch.long)
-    return generate(net, prompt, 100, generator=torch.Generator().manual_seed(seed), **kwargs)
+    return generate_tokens(net, prompt, 100, generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
 def test_sampling_is_reproducible_and_greedy_is_deterministic():

@@ -12,16 +12,16 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from helpers import REPO
-from rnnlm import evaluate as evaluate_module
-from rnnlm import generate as generate_module
-from rnnlm import score as score_module
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.checks import ConfigError
-from rnnlm.cli import CONF_DIR, pick_device
-from rnnlm.evaluate import evaluate, trainer_device
-from rnnlm.generate import generate_texts
-from rnnlm.sampling import Stepper, generate
-from rnnlm.score import sentence_logprobs
+from rnnlm.commands import eval as eval_command
+from rnnlm.commands import generate as generate_command
+from rnnlm.commands import score as score_command
+from rnnlm.commands.cli import CONF_DIR, pick_device
+from rnnlm.commands.eval import evaluate, trainer_device
+from rnnlm.commands.generate import generate_texts
+from rnnlm.sampling import Stepper, generate_tokens
+from rnnlm.scoring import sentence_logprobs
 
 TINY_RUN = ("test=false", "logger=csv")
 
@@ -49,7 +49,7 @@ def test_a_loaded_network_is_on_the_device_asked_for(ckpt):
     loaded = load_checkpoint(ckpt, map_location="meta")
     assert _placement(loaded.net) == {("meta", torch.float32)}
     # ... and generation runs there: the prompt, the stepper's weights and the carried state all on it
-    new = generate(loaded.net, torch.zeros(3, 2, dtype=torch.long, device="meta"), 5, greedy=True)
+    new = generate_tokens(loaded.net, torch.zeros(3, 2, dtype=torch.long, device="meta"), 5, greedy=True)
     assert new.shape == (3, 5) and new.device.type == "meta"
     assert {w.device.type for layer in Stepper(loaded.net).layers for w in layer} == {"meta"}
     # the rest of the training checkpoint (optimizer, weights for eval's Trainer) stays off the device
@@ -84,12 +84,12 @@ def test_each_command_puts_the_model_on_the_device_asked_for(device, expected, c
         asked.append(torch.device(map_location))
         return load_checkpoint(path, "cpu")
 
-    monkeypatch.setattr(generate_module, "load_checkpoint", load_on_cpu)
-    monkeypatch.setattr(score_module, "load_checkpoint", load_on_cpu)
+    monkeypatch.setattr(generate_command, "load_checkpoint", load_on_cpu)
+    monkeypatch.setattr(score_command, "load_checkpoint", load_on_cpu)
     [text] = generate_texts(_config("generate", f"ckpt_path={ckpt}", "prompt=the", "max_new_tokens=4",
                                     f"device={device}"))
     assert len(text) == 3 + 4
-    score_module._hydra_main(_config("score", f"ckpt_path={ckpt}", "text=the quick ___", "candidates=[fox,dog]",
+    score_command._hydra_main(_config("score", f"ckpt_path={ckpt}", "text=the quick ___", "candidates=[fox,dog]",
                                      f"device={device}"))
     assert "fox" in capsys.readouterr().out
     assert asked == [torch.device(expected)] * 2
@@ -134,8 +134,8 @@ def test_a_device_that_cannot_be_used_is_one_error_line(ckpt, tmp_path, capsys, 
     assert result.stderr.strip().splitlines() == ["error: device=gpu is not a device: use auto, cpu, cuda or cuda:N"]
     # the other commands, in this process, through the same one-line exit
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for command, name, args in [(score_module, "score", ["text=the fox"]),
-                                (evaluate_module, "eval", [f"output={tmp_path / 'metrics.json'}"])]:
+    for command, name, args in [(score_command, "score", ["text=the fox"]),
+                                (eval_command, "eval", [f"output={tmp_path / 'metrics.json'}"])]:
         with pytest.raises(SystemExit) as exit_:
             command._hydra_main(_config(name, f"ckpt_path={ckpt}", "device=cuda", *args))
         assert exit_.value.code == 2

@@ -13,9 +13,9 @@ import torch
 from helpers import REPO, Payload, scalars
 from rnnlm.callbacks import AtomicCheckpointIO
 from rnnlm.checkpoint import CheckpointError, NonFiniteError
+from rnnlm.commands.train import train
 from rnnlm.corpora import DataError
 from rnnlm.module import RecurrentLM
-from rnnlm.train import train
 
 
 def test_same_seed_same_loss_curve(make_cfg, tiny_corpus, tmp_path):
@@ -131,8 +131,8 @@ def test_missing_data_path_is_one_clear_error(make_cfg, tmp_path):
 def test_eval_refuses_text_the_vocabulary_does_not_cover(tmp_path, shared_data, cache_dir, make_cfg, tiny_corpus):
     from hydra import compose, initialize_config_dir
 
-    from rnnlm.cli import CONF_DIR
-    from rnnlm.evaluate import evaluate
+    from rnnlm.commands.cli import CONF_DIR
+    from rnnlm.commands.eval import evaluate
 
     cfg = make_cfg("data=word", f"data.path={tiny_corpus}", "test=false")
     train(cfg)

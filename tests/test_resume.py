@@ -16,8 +16,8 @@ import torch
 
 from helpers import REPO, TINY
 from rnnlm.checkpoint import CheckpointError, NonFiniteError, load_checkpoint
+from rnnlm.commands.train import train
 from rnnlm.resume import resume_config
-from rnnlm.train import train
 
 
 def _step_of(path: Path) -> int:
@@ -225,7 +225,7 @@ def test_divergence_between_logged_steps_is_still_caught(make_cfg, tiny_corpus, 
 @pytest.mark.parametrize("mode", ["stream", "sentence"])
 def test_tokens_seen_counts_every_step_though_read_back_rarely(make_cfg, tiny_corpus, mode):
     from rnnlm.callbacks import TokensPerSecond
-    from rnnlm.datamodule import IGNORE_INDEX
+    from rnnlm.loss import IGNORE_INDEX
 
     counted = []
 

@@ -10,9 +10,9 @@ import torch
 
 from helpers import PANGRAMS, REPO, compose_train
 from rnnlm.checks import ConfigError
+from rnnlm.commands.train import train
 from rnnlm.network import LanguageModel, NetworkConfig
-from rnnlm.score import fill_blank, rank_candidates, rank_fillers, unknown_candidates
-from rnnlm.train import train
+from rnnlm.scoring import fill_blank, rank_candidates, rank_fillers, unknown_candidates
 from rnnlm.vocab import EOS, UNK, Vocab
 
 KOREAN = "운동을 열심히 하면 근육이 는다"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from helpers import REPO
-from rnnlm.report import write_report
+from rnnlm.commands.report import write_report
 
 SMALL = ["model.embedding_dim=8", "model.num_layers=1", "data.seq_len=8", "data.batch_size=4",
          "data.eval_batch_size=2", "trainer.max_steps=3", "test=false", "trainer.accelerator=cpu",

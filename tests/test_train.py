@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from helpers import REPO, scalars
 from rnnlm.checkpoint import load_checkpoint
-from rnnlm.train import train
+from rnnlm.commands.train import train
 
 
 @pytest.mark.parametrize("level", ["char", "word"])
@@ -152,14 +152,14 @@ def test_scratch_cells_train_and_generate(make_cfg, tiny_corpus, extra):
     assert metrics["val/loss"] < 0.6 * math.log(30)
     loaded = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     assert loaded.net.config.impl == "scratch"
-    from rnnlm.sampling import generate
+    from rnnlm.sampling import generate_tokens
 
-    text = generate(loaded.net, torch.tensor([loaded.vocab.encode_text("the quick")]), 30, greedy=True)
+    text = generate_tokens(loaded.net, torch.tensor([loaded.vocab.encode_text("the quick")]), 30, greedy=True)
     assert text.shape == (1, 30)
 
 
 def test_bidirectional_lm_trains_and_fills_blanks(make_cfg, tiny_corpus):
-    from rnnlm.score import fill_blank
+    from rnnlm.scoring import fill_blank
 
     cfg = make_cfg("data=word", "model.bidirectional=true", "task=bilm", f"data.path={tiny_corpus}",
                    "trainer.max_steps=80", "trainer.max_epochs=100", "model.dropout=0", "optimizer.lr=0.01",

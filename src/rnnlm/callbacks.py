@@ -22,10 +22,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from rnnlm.checkpoint import CONFIG_KEY, NonFiniteError, write_checkpoint
-from rnnlm.datamodule import IGNORE_INDEX
+from rnnlm.loss import IGNORE_INDEX, loss_in_units
 from rnnlm.module import writes_logs
-from rnnlm.sampling import generate
-from rnnlm.vocab import loss_in_units
+from rnnlm.sampling import generate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +372,7 @@ class TextSamples(L.Callback):
         prompt = torch.tensor([self._prompt_ids], device=pl_module.device)
         generator = torch.Generator().manual_seed(self.seed)
         try:
-            new = generate(pl_module.net, prompt, self.num_tokens, self.temperature, generator=generator)
+            new = generate_tokens(pl_module.net, prompt, self.num_tokens, self.temperature, generator=generator)
         except RuntimeError as err:  # torch.multinomial's word for probabilities that are NaN or infinite
             if "probability tensor contains" not in str(err):
                 raise

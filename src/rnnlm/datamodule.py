@@ -13,12 +13,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from rnnlm.corpora import CorpusSource, DataError, named_source, path_source
+from rnnlm.loss import IGNORE_INDEX
 from rnnlm.prepare import PreparedCorpus, prepare
 from rnnlm.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # target id of padding: cross-entropy skips it
 MODES = ("stream", "sentence")
 
 

@@ -12,9 +12,9 @@ from torch import Tensor
 from rnnlm.backbone import State, detach_state, map_state
 from rnnlm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, NonFiniteError
 from rnnlm.cuda_graph import GraphedStep
-from rnnlm.datamodule import IGNORE_INDEX
-from rnnlm.network import LanguageModel, NetworkConfig, sequence_loss
-from rnnlm.vocab import Vocab, loss_in_units
+from rnnlm.loss import loss_in_units, sequence_loss
+from rnnlm.network import LanguageModel, NetworkConfig
+from rnnlm.vocab import Vocab
 
 RESUME_KEY = "rnnlm_resume"  # what only a resumed training run reads
 LEGACY_BEST_KEY = "best_val_loss"  # in the state dict of rnnlm 0.1's checkpoints
@@ -82,9 +82,9 @@ class RecurrentLM(L.LightningModule):
             # first token, never a target): scoring only positions 1..T counts every token once.
             window = torch.cat([inputs[:, :1], targets], 1)  # (B, T+1)
             logits, _ = self.net(window)
-            return *sequence_loss(logits[:, 1:], targets, IGNORE_INDEX), None
+            return *sequence_loss(logits[:, 1:], targets), None
         logits, state = self.net(inputs, state)  # (B, T, V)
-        return *sequence_loss(logits, targets, IGNORE_INDEX), state
+        return *sequence_loss(logits, targets), state
 
     def _carried(self, stage: str, rows: int) -> State | None:
         state = self._state[stage] if self.carry_state else None

@@ -230,7 +230,7 @@ def _paths(source: CorpusSource, split: str | None = None) -> str:
     return ", ".join(str(p) for s, paths in source.files.items() if split in (None, s) for p in paths)
 
 
-def encode_text(source: CorpusSource, level: str, vocab: Vocab, split: str | None) -> np.ndarray:
+def encode_split(source: CorpusSource, vocab: Vocab, split: str | None) -> np.ndarray:
     """Ids of one split of ``source`` (all of its text when ``split`` is None) in a fixed vocabulary.
 
     Raises:
@@ -244,7 +244,7 @@ def encode_text(source: CorpusSource, level: str, vocab: Vocab, split: str | Non
     dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max else np.uint32
     blocks, pending, unknown = [], [], set()
     for line in lines:
-        tokens = split_line(line, level)
+        tokens = split_line(line, vocab.level)
         if vocab.unk_id is None:
             unknown.update(t for t in tokens if t not in vocab)
             if unknown:

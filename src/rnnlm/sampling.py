@@ -129,7 +129,7 @@ def next_tokens(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
 
 
 @torch.no_grad()
-def generate(
+def generate_tokens(
     net: LanguageModel,
     prompt: Tensor,
     max_new_tokens: int,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,14 +15,6 @@ UNK = "<unk>"
 EOS = "<eos>"
 BOS = "<bos>"
 LEVELS = ("char", "word")
-
-
-def loss_in_units(loss: float, level: str) -> tuple[str, float]:
-    """A mean cross-entropy in nats as people quote it: bits per character for char models,
-    perplexity for word models. Returns ``(name, value)``, e.g. ``("bpc", 2.55)``."""
-    if level == "char":
-        return "bpc", loss / math.log(2)
-    return "ppl", math.exp(min(loss, 700.0))  # exp overflows a float beyond ~709
 
 
 def split_line(line: str, level: str) -> list[str]:

@@ -44,7 +44,7 @@ class _NoAdverts(logging.Filter):
 for _handler in logging.getLogger("lightning.pytorch").handlers:
     _handler.addFilter(_NoAdverts())
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package, so any install has it
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # shipped inside the package, so any install has it
 LISTED_SWEEPS = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from rnnlm.vocab import loss_in_units
+from rnnlm.loss import loss_in_units
 
 SKIPPED_OVERRIDES = ("hydra.", "paths.")  # where things go, not what was compared
 

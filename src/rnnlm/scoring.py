@@ -1,22 +1,14 @@
-"""Score sentences with a checkpoint (``rnnlm/conf/score.yaml``): fill-in-the-blank ranking and per-line
-log-probabilities."""
+"""Scoring text with a network: the log-probability of whole lines, and the ranking of the tokens that could
+fill a blank (from the left context and after it, or from both sides with a bidirectional model)."""
 
 from __future__ import annotations
 
-import math
-import sys
-from pathlib import Path
-
-import hydra
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
-from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
-from rnnlm.checks import ConfigError
-from rnnlm.cli import CONF_DIR, exit_on_user_error, pick_device, quote_free_text, run_command
-from rnnlm.corpora import read_lines
-from rnnlm.datamodule import IGNORE_INDEX, pad_batch
+from rnnlm.datamodule import pad_batch
+from rnnlm.errors import ConfigError
+from rnnlm.loss import IGNORE_INDEX
 from rnnlm.network import LanguageModel
 from rnnlm.vocab import Vocab
 
@@ -117,61 +109,3 @@ def rank_fillers(log_probs: Tensor, vocab: Vocab, candidates: list[str]) -> list
     candidates that are one token of the vocabulary are ranked."""
     ranked = [(c, float(log_probs[vocab.index[c]])) for c in _known(vocab, candidates, single_token=True)]
     return sorted(ranked, key=lambda row: -row[1])
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
-@exit_on_user_error
-def _hydra_main(cfg: DictConfig) -> None:
-    if (cfg.text is None) == (cfg.text_file is None):
-        raise ConfigError("give text=... (with candidates=[...] to fill a blank) or text_file=FILE, one of the two")
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
-    loaded = load_checkpoint(ckpt_path, map_location=pick_device(cfg.device))  # the inputs follow the network
-    net, vocab = loaded.net, loaded.vocab
-    if net.bidirectional:
-        if cfg.text is None:
-            raise ConfigError("a bidirectional model scores blanks only: give text='... ___ ...'")
-        log_probs = fill_blank(net, vocab, cfg.text, cfg.blank)
-        unknown = []
-        if cfg.candidates:
-            rows = rank_fillers(log_probs, vocab, list(cfg.candidates))
-            unknown = unknown_candidates(vocab, list(cfg.candidates), single_token=True)
-        else:
-            top = log_probs.topk(min(cfg.top_k, len(vocab)))
-            rows = [(vocab.tokens[i], lp) for lp, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
-        print("rank\tlogprob\tprob\tfiller")
-        for rank, (token, lp) in enumerate(rows, 1):
-            print(f"{rank}\t{lp:.3f}\t{math.exp(lp):.4f}\t{token!r}" if vocab.level == "char" else
-                  f"{rank}\t{lp:.3f}\t{math.exp(lp):.4f}\t{token}")
-        _print_unknown(unknown, "not one token of the model's vocabulary")
-        return
-    if cfg.text is not None and (cfg.candidates or cfg.blank in cfg.text):
-        ranked = rank_candidates(net, vocab, cfg.text, list(cfg.candidates), cfg.blank)
-        print("rank\tlogprob\tppl\tcandidate")
-        for rank, (cand, lp, n) in enumerate(ranked, 1):
-            print(f"{rank}\t{lp:.3f}\t{math.exp(-lp / n):.2f}\t{cand}")
-        _print_unknown(unknown_candidates(vocab, list(cfg.candidates)), "not in the model's vocabulary")
-        return
-    if cfg.text is not None:
-        lines = [cfg.text]
-    else:
-        if not Path(cfg.text_file).is_file():
-            raise ConfigError(f"text_file={cfg.text_file} does not exist")
-        lines = [line for line in read_lines(Path(cfg.text_file)) if line.strip()]
-    print("logprob\tppl\ttokens\ttext")
-    for line, (lp, n) in zip(lines, sentence_logprobs(net, vocab, lines, cfg.batch_size), strict=True):
-        print(f"{lp:.3f}\t{math.exp(-lp / n):.2f}\t{n}\t{line}")
-
-
-def _print_unknown(candidates: list[str], why: str) -> None:
-    if candidates:  # after the table, so the ranks above stay those of real words
-        print(f"{why}, not ranked: {', '.join(candidates)}")
-
-
-def main() -> None:
-    """Console entry point: ``rnnlm-score [overrides]``."""
-    sys.argv[1:] = quote_free_text(sys.argv[1:], text_keys=("text", "blank"), list_keys=("candidates",))
-    run_command(_hydra_main, "score")
-
-
-if __name__ == "__main__":
-    main()

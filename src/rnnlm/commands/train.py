@@ -31,7 +31,7 @@ from rnnlm.callbacks import (
 )
 from rnnlm.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
 from rnnlm.checks import check_model_memory, check_train_config
-from rnnlm.cli import CONF_DIR, exit_on_user_error, run_command
+from rnnlm.commands.cli import CONF_DIR, exit_on_user_error, run_command
 from rnnlm.resume import resume_config
 from rnnlm.vocab import Vocab
 

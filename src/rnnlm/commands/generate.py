@@ -11,8 +11,8 @@ from omegaconf import DictConfig
 
 from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
 from rnnlm.checks import ConfigError, check_generate_config
-from rnnlm.cli import CONF_DIR, check_output, exit_on_user_error, pick_device, quote_free_text, run_command
-from rnnlm.sampling import generate
+from rnnlm.commands.cli import CONF_DIR, check_output, exit_on_user_error, pick_device, quote_free_text, run_command
+from rnnlm.sampling import generate_tokens
 
 SEPARATOR = "\n" + "-" * 40 + "\n"
 
@@ -32,7 +32,7 @@ def generate_texts(cfg: DictConfig) -> list[str]:
     stop_id = vocab.line_end_id if cfg.stop_at_eos else None
     # The network is on `device` and the prompt goes to it; the random draws come from a CPU generator,
     # so a seed gives the same text on the CPU and on a GPU (see rnnlm.sampling.next_tokens).
-    new = generate(
+    new = generate_tokens(
         loaded.net, torch.tensor([ids] * cfg.num_samples), cfg.max_new_tokens,
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=cfg.greedy,
         generator=torch.Generator().manual_seed(cfg.seed), stop_id=stop_id,

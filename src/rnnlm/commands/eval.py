@@ -15,11 +15,11 @@ from omegaconf import DictConfig
 
 from rnnlm.checkpoint import LoadedModel, load_checkpoint, resolve_checkpoint
 from rnnlm.checks import ConfigError
-from rnnlm.cli import CONF_DIR, check_output, exit_on_user_error, pick_device, run_command
+from rnnlm.commands.cli import CONF_DIR, check_output, exit_on_user_error, pick_device, run_command
 from rnnlm.corpora import SPLITS, DataError, path_source
 from rnnlm.datamodule import TextDataModule, make_loader, split_dataset
-from rnnlm.prepare import encode_text
-from rnnlm.vocab import loss_in_units
+from rnnlm.loss import loss_in_units
+from rnnlm.prepare import encode_split
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def evaluate(cfg: DictConfig) -> dict:
     else:
         where = {"data_dir": cfg.paths.data_dir, "cache_dir": cfg.paths.cache_dir}  # this machine's, not training's
         source, split = TextDataModule(**{**trained, **where}).source(), cfg.split
-    ids = encode_text(source, vocab.level, vocab, split)
+    ids = encode_split(source, vocab, split)
     if vocab.unk_id is not None and len(ids) and (unk_share := float((ids == vocab.unk_id).mean())) > MAX_UNK_SHARE:
         raise DataError(
             f"{unk_share:.0%} of the tokens of {source.name} are outside the checkpoint's vocabulary: this text "
