@@ -194,6 +194,7 @@ def test_a_checkpoint_of_the_previous_format_still_evaluates_and_resumes(make_cf
     resume = data["rnnlm_resume"]
     data["state_dict"]["best_val_loss"] = torch.tensor(resume.pop("best_val_loss"), dtype=torch.float64)
     resume["train_state"] = tuple(s[0] for s in resume.pop("train_state_by_rank"))
+    resume.update(data.pop("rnnlm_random"))  # the random streams were kept in the resume section
     del data["rnnlm_config"], resume["configured_lr"]
     old = tmp_path / "old" / "checkpoints" / "last.ckpt"
     old.parent.mkdir(parents=True)

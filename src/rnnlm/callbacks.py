@@ -1,5 +1,6 @@
-"""Training callbacks: checkpoints that survive interruptions, throughput, a progress line per validation,
-text samples, the run's config and hyperparameters in every checkpoint and logger."""
+"""Training callbacks: checkpoints that survive interruptions, a resume that continues exactly, validation of
+the final weights, throughput, a progress line per validation, text samples, the run's config and
+hyperparameters in every checkpoint and logger."""
 
 from __future__ import annotations
 
@@ -21,7 +22,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
-from rnnlm.checkpoint import CONFIG_KEY, NonFiniteError, write_checkpoint
+from rnnlm.checkpoint import (
+    NonFiniteError,
+    restore_random_state,
+    write_checkpoint,
+    write_random_state,
+    write_run_config,
+)
 from rnnlm.loss import IGNORE_INDEX, loss_in_units
 from rnnlm.module import writes_logs
 from rnnlm.sampling import generate_tokens
@@ -184,6 +191,27 @@ def _copy_atomically(source: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+class RandomStreams(L.Callback):
+    """Every checkpoint keeps the random streams, and a resumed run continues them: it draws the dropout
+    masks the uninterrupted run would have drawn, so it ends with the same weights."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        write_random_state(checkpoint)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        restore_random_state(checkpoint)
+
+
+class ValidateFinalWeights(L.Callback):
+    """Stop at ``trainer.max_steps`` through ``should_stop``: Lightning then validates, and so checkpoints,
+    the final weights (when ``max_steps`` ends the loop itself, the steps since the last validation are
+    neither validated nor saved as best)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 class SaveRunConfig(L.Callback):
     """Puts the run's config (as composed, interpolations unresolved) in every checkpoint, so
     ``ckpt_path=...`` alone resumes a run with the settings it was trained with."""
@@ -192,7 +220,7 @@ class SaveRunConfig(L.Callback):
         self.config = config
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[CONFIG_KEY] = self.config
+        write_run_config(checkpoint, self.config)
 
 
 class ProgressLog(L.Callback):

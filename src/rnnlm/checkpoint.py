@@ -1,4 +1,5 @@
-"""The checkpoint file: written atomically while training, read back into a ready :class:`LanguageModel`.
+"""The checkpoint file: its format (every section rnnlm adds to Lightning's, written and read here), written
+atomically while training, read back into a ready :class:`LanguageModel`.
 
 This module imports neither Lightning nor the training code, so the inference commands start fast.
 """
@@ -6,6 +7,7 @@ This module imports neither Lightning nor the training code, so the inference co
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import pickle
 import tempfile
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rnnlm.backbone import State, map_state
 from rnnlm.errors import CheckpointError, NonFiniteError
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.vocab import Vocab
@@ -22,10 +25,90 @@ from rnnlm.vocab import Vocab
 if TYPE_CHECKING:
     from rnnlm.module import RecurrentLM
 
-CHECKPOINT_KEY = "rnnlm"  # the plain-data part of a checkpoint that eval/generate read
+# rnnlm's sections of a Lightning checkpoint, all plain data so that it loads with weights_only=True:
+CHECKPOINT_KEY = "rnnlm"  # what eval/generate/score read: the network's config, the vocabulary, how training read text
 CHECKPOINT_FORMAT = 1
 CONFIG_KEY = "rnnlm_config"  # the training run's config, so `ckpt_path=...` alone resumes it
+RESUME_KEY = "rnnlm_resume"  # what only a resumed run reads: carried hidden state, best loss, configured lr
+RANDOM_KEY = "rnnlm_random"  # the random streams, so a resumed run draws the dropout masks it would have drawn
+LEGACY_BEST_KEY = "best_val_loss"  # rnnlm 0.1 kept the best loss as a buffer in the state dict
 _ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"  # torch.save's zip format; its legacy pickle format
+
+
+def write_model_section(checkpoint: dict, network: NetworkConfig, vocab: Vocab, carry_state: bool,
+                        world_size: int) -> None:
+    """What rebuilds the network and reads text as training did, without the training config."""
+    checkpoint[CHECKPOINT_KEY] = {
+        "format": CHECKPOINT_FORMAT,
+        "network": network.settings(),
+        "vocab": vocab.to_dict(),
+        "carry_state": carry_state,
+        "world_size": world_size,  # stream columns were eval_batch_size x this
+    }
+
+
+def checkpoint_vocab(checkpoint: dict) -> Vocab:
+    return Vocab.from_dict(checkpoint[CHECKPOINT_KEY]["vocab"])
+
+
+def write_run_config(checkpoint: dict, config: dict) -> None:
+    """The run's config as composed (interpolations unresolved), so ``ckpt_path=...`` alone resumes the run."""
+    checkpoint[CONFIG_KEY] = config
+
+
+def read_run_config(checkpoint: dict) -> dict | None:
+    """What :func:`write_run_config` wrote; None in checkpoints from before it (their run folder has it)."""
+    return checkpoint.get(CONFIG_KEY)
+
+
+@dataclass
+class ResumeSection:
+    """What a resumed run needs to continue as if it had not stopped (besides Lightning's own state)."""
+
+    train_state_by_rank: State | None  # the hidden state carried into the next chunk, (world_size, ...) per tensor
+    best_val_loss: float
+    configured_lr: float | None  # optimizer.lr as configured: a resume that asks for another one gets it
+
+
+def write_resume_section(checkpoint: dict, section: ResumeSection) -> None:
+    checkpoint[RESUME_KEY] = {
+        "train_state_by_rank": section.train_state_by_rank,
+        "best_val_loss": section.best_val_loss,
+        "configured_lr": section.configured_lr,
+    }
+
+
+def read_resume_section(checkpoint: dict) -> ResumeSection | None:
+    """The resume section, also from rnnlm 0.1's checkpoints (one process's carried state; the best loss as a
+    buffer, which is taken out of the state dict here); None if the checkpoint has none."""
+    legacy_best = checkpoint.get("state_dict", {}).pop(LEGACY_BEST_KEY, None)
+    resume = checkpoint.get(RESUME_KEY)
+    if resume is None:
+        return None
+    if "train_state_by_rank" in resume:
+        by_rank = resume["train_state_by_rank"]
+    else:
+        by_rank = map_state(resume.get("train_state"), lambda s: s[None])
+    best = resume.get("best_val_loss", math.inf if legacy_best is None else float(legacy_best))
+    return ResumeSection(by_rank, best, resume.get("configured_lr"))
+
+
+def write_random_state(checkpoint: dict) -> None:
+    """This process's random streams (the CPU's and every GPU's)."""
+    checkpoint[RANDOM_KEY] = {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_random_state(checkpoint: dict) -> None:
+    """Set the random streams :func:`write_random_state` saved (checkpoints before it kept them in the resume
+    section); a checkpoint with neither leaves them alone."""
+    saved = checkpoint.get(RANDOM_KEY) or checkpoint.get(RESUME_KEY) or {}
+    if "torch_rng" in saved:
+        torch.set_rng_state(saved["torch_rng"])
+    if saved.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
 
 def write_checkpoint(checkpoint: dict, path: str | Path) -> None:
@@ -135,7 +218,7 @@ class LoadedModel:
     @property
     def module(self) -> RecurrentLM:
         """The training module around the network, for evaluating with a Lightning Trainer."""
-        from rnnlm.module import LEGACY_BEST_KEY, RecurrentLM  # imports Lightning: only evaluation needs it
+        from rnnlm.module import RecurrentLM  # imports Lightning: only evaluation needs it
 
         network = {k: v for k, v in self.info["network"].items() if k != "vocab_size"}
         module = RecurrentLM(self.vocab, carry_state=self.info["carry_state"], **network)
@@ -159,7 +242,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     info = dict(data[CHECKPOINT_KEY])
     info["global_step"] = data.get("global_step")
     info.setdefault("world_size", 1)
-    vocab = Vocab.from_dict(info["vocab"])
+    vocab = checkpoint_vocab(data)
     net = LanguageModel(NetworkConfig.from_settings(info["network"], vocab_size=len(vocab)))
     prefix = "net."
     net.load_state_dict({k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)})

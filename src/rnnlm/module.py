@@ -10,14 +10,17 @@ import torch
 from torch import Tensor
 
 from rnnlm.backbone import State, detach_state, map_state
-from rnnlm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, NonFiniteError
+from rnnlm.checkpoint import (
+    NonFiniteError,
+    ResumeSection,
+    read_resume_section,
+    write_model_section,
+    write_resume_section,
+)
 from rnnlm.cuda_graph import GraphedStep
 from rnnlm.loss import loss_in_units, sequence_loss
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.vocab import Vocab
-
-RESUME_KEY = "rnnlm_resume"  # what only a resumed training run reads
-LEGACY_BEST_KEY = "best_val_loss"  # in the state dict of rnnlm 0.1's checkpoints
 
 
 def writes_logs(trainer: L.Trainer | None) -> bool:
@@ -179,13 +182,6 @@ class RecurrentLM(L.LightningModule):
         self._raise_if_diverged()  # never validate, and so checkpoint, weights that diverged
         self._eval_start("val")
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Stopping through should_stop (rather than letting max_steps end the loop) makes Lightning
-        # validate, and so checkpoint, the final weights.
-        max_steps = self.trainer.max_steps
-        if max_steps is not None and 0 < max_steps <= self.trainer.global_step:
-            self.trainer.should_stop = True
-
     # ---------------------------------------------------------------- evaluation
     def _eval_start(self, stage: str) -> None:
         self._state[stage] = None
@@ -247,24 +243,11 @@ class RecurrentLM(L.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._raise_if_diverged()  # the checkpoint would hold the weights of a diverged run
-        # Plain data only, so a checkpoint loads with torch.load(weights_only=True) and needs no config.
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": CHECKPOINT_FORMAT,
-            "network": self.net.config.settings(),
-            "vocab": self.vocab.to_dict(),
-            "carry_state": self.carry_state,
-            "world_size": self.trainer.world_size,  # stream columns were eval_batch_size x this
-        }
-        # What a resumed run needs to continue exactly as if it had not stopped: the hidden state carried
-        # into the next chunk (every process's own, gathered: each reads its own columns) and the random
-        # streams that draw the next dropout masks. Every process runs this hook, so the gather is collective.
-        checkpoint[RESUME_KEY] = {
-            "train_state_by_rank": map_state(self._state["train"], self._gather),
-            "best_val_loss": self.best_val_loss,
-            "configured_lr": self._configured_lr(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        write_model_section(checkpoint, self.net.config, self.vocab, self.carry_state, self.trainer.world_size)
+        # Every process's carried state, gathered (each resumes its own columns): every process runs this
+        # hook, so the gather is collective.
+        by_rank = map_state(self._state["train"], self._gather)
+        write_resume_section(checkpoint, ResumeSection(by_rank, self.best_val_loss, self._configured_lr()))
 
     def _configured_lr(self) -> float | None:
         return getattr(self.optimizer_factory, "keywords", {}).get("lr")
@@ -286,23 +269,13 @@ class RecurrentLM(L.LightningModule):
         return self.all_gather(tensor) if self.trainer.world_size > 1 else tensor.unsqueeze(0)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Checkpoints of rnnlm 0.1 kept the best loss as a buffer and one process's carried state.
-        legacy_best = checkpoint.get("state_dict", {}).pop(LEGACY_BEST_KEY, None)
-        resume = checkpoint.get(RESUME_KEY)
+        resume = read_resume_section(checkpoint)
         if resume is None:
             return
-        self.best_val_loss = resume.get("best_val_loss", math.inf if legacy_best is None else float(legacy_best))
-        self._new_lr = resume.get("configured_lr") != self._configured_lr()  # the user changed optimizer.lr
-        if "train_state_by_rank" in resume:
-            by_rank = resume["train_state_by_rank"]
-        else:
-            by_rank = map_state(resume.get("train_state"), lambda s: s[None])
+        self.best_val_loss = resume.best_val_loss
+        self._new_lr = resume.configured_lr != self._configured_lr()  # the user changed optimizer.lr
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        self._state["train"] = map_state(by_rank, lambda s: s[rank].to(self.device))
-        torch.set_rng_state(resume["torch_rng"])
-        if resume["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])
-
+        self._state["train"] = map_state(resume.train_state_by_rank, lambda s: s[rank].to(self.device))
 
 def _batch_rows(state: State) -> int:
     return (state[0] if isinstance(state, tuple) else state).size(1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from rnnlm.checkpoint import CONFIG_KEY, CheckpointError, describe, last_checkpoints, read_checkpoint
+from rnnlm.checkpoint import CheckpointError, describe, last_checkpoints, read_checkpoint, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def _shown(value) -> str:
 def saved_config(path: Path, checkpoint: dict, cfg: DictConfig) -> DictConfig | None:
     """The config the checkpoint's run was composed with, with this run's paths: from the checkpoint, or
     (older checkpoints) its run folder's ``.hydra/config.yaml``; None if neither has it."""
-    if CONFIG_KEY in checkpoint:
-        saved = OmegaConf.create(checkpoint[CONFIG_KEY])
+    if (config := read_run_config(checkpoint)) is not None:
+        saved = OmegaConf.create(config)
     elif (path.parent.parent / ".hydra" / "config.yaml").is_file():
         saved = OmegaConf.load(path.parent.parent / ".hydra" / "config.yaml")
     else:

@@ -24,12 +24,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rnnlm.callbacks import (
     AtomicCheckpointIO,
     HparamsWithBest,
+    RandomStreams,
     RunCheckpoints,
     SaveRunConfig,
     TokensPerSecond,
     TrainingInterrupted,
+    ValidateFinalWeights,
 )
-from rnnlm.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
+from rnnlm.checkpoint import CheckpointError, checkpoint_vocab, read_checkpoint
 from rnnlm.checks import check_model_memory, check_train_config
 from rnnlm.commands.cli import CONF_DIR, exit_on_user_error, run_command
 from rnnlm.resume import resume_config
@@ -102,7 +104,7 @@ def write_json_atomically(path: Path, data: dict) -> None:
 
 def check_same_vocabulary(ckpt_path: str, vocab: Vocab) -> None:
     """The data of a resumed run must give the vocabulary it was trained on (its files may have changed)."""
-    trained = Vocab.from_dict(read_checkpoint(ckpt_path, mmap=True)[CHECKPOINT_KEY]["vocab"])
+    trained = checkpoint_vocab(read_checkpoint(ckpt_path, mmap=True))
     if trained.tokens != vocab.tokens:
         raise CheckpointError(
             f"{ckpt_path} was trained on a different vocabulary ({len(trained)} tokens, this data gives "
@@ -142,6 +144,7 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
     summary.update(params=model.net.num_parameters(), level=vocab.level, vocab_size=len(vocab))
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [HparamsWithBest(run_hparams(cfg))]
+    callbacks += [RandomStreams(), ValidateFinalWeights()]  # how rnnlm trains, whatever callbacks the config lists
     callbacks += [SaveRunConfig(OmegaConf.to_container(_without_hydra(cfg), resolve=False)), *extra_callbacks]
     loggers = [instantiate(lg) for lg in cfg.logger.values()]
     trainer_args = {}
