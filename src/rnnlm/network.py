@@ -102,7 +102,8 @@ class NetworkConfig:
 
 class LanguageModel(nn.Module):
     """Next-token model over a vocabulary, or, bidirectional, a model of each token from both sides;
-    :class:`NetworkConfig` describes it."""
+    :class:`NetworkConfig` describes it. This is the network alone, in plain PyTorch: checkpoints load
+    into it, and :class:`rnnlm.module.RecurrentLM` (the Lightning module) trains it."""
 
     def __init__(self, config: NetworkConfig):
         super().__init__()
