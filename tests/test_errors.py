@@ -117,7 +117,8 @@ def test_a_gpu_trainer_without_a_gpu_is_refused(make_cfg, monkeypatch):
     "overrides",
     [["model=rnn"], ["model=lstm", "model.num_layers=3"], ["model=gru", "model.embedding_dim=null"],
      ["model.embedding_dim=32", "model.tie_weights=true"], ["task=bilm", "model.bidirectional=true"],
-     ["model=gru", "model.impl=scratch", "model.reset_after=false"]],
+     ["model=gru", "model.impl=scratch", "model.reset_after=false"],
+     ["model.softmax=adaptive", "model.adaptive_cutoffs=[10,30]", "model.adaptive_div_value=2"]],
 )
 def test_parameter_count_matches_the_built_model(make_cfg, overrides):
     model = make_cfg(*overrides).model

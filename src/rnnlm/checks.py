@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from rnnlm.backbone import CELLS
 from rnnlm.corpora import CORPORA
 from rnnlm.errors import ConfigError, positive_integer, positive_number
-from rnnlm.network import NetworkConfig
+from rnnlm.network import NetworkConfig, adaptive_cutoffs
 from rnnlm.vocab import LEVELS
 
 TASKS = ("lm", "bilm")
@@ -44,6 +44,9 @@ def check_train_config(cfg: DictConfig) -> None:
         problems.append("task=bilm reads fixed windows: use data.mode=stream")
     if data.level not in LEVELS:
         problems.append(f"data.level={data.level} must be one of {'|'.join(LEVELS)}")
+    elif model.softmax == "adaptive" and data.level != "word":
+        problems.append("model.softmax=adaptive clusters ids by frequency, as word vocabularies are ordered; a char "
+                        "vocabulary is ordered by code point: use data=word, or model.softmax=full")
     if data.mode not in MODES:
         problems.append(f"data.mode={data.mode} must be one of {'|'.join(MODES)}")
     for key in ("seq_len", "batch_size", "eval_batch_size", "min_freq"):
@@ -86,6 +89,9 @@ def _cuda_graph_problems(cfg: DictConfig) -> list[str]:
                         "for multi-GPU training)")
     if trainer.gradient_clip_algorithm not in ("norm", "value"):
         problems.append(f"trainer.gradient_clip_algorithm={trainer.gradient_clip_algorithm} must be norm or value")
+    if cfg.model.softmax == "adaptive":
+        problems.append("model.cuda_graph=true needs model.softmax=full: the adaptive softmax picks each token's "
+                        "cluster on the host, which a recorded graph cannot")
     return problems
 
 
@@ -104,7 +110,17 @@ def count_parameters(model: DictConfig, vocab_size: int) -> int:
     inputs = [model.embedding_dim or vocab_size] + [hidden] * (layers - 1)
     # per layer: W_ih (G*H, I), W_hh (G*H, H) and their two biases
     stack = sum(GATES[model.cell] * hidden * (i + hidden + 2) for i in inputs)
-    decoder = (0 if model.tie_weights else hidden * directions * vocab_size) + vocab_size
+    features = hidden * directions
+    if model.softmax == "adaptive" and vocab_size:
+        cutoffs = [*adaptive_cutoffs(vocab_size, model.adaptive_cutoffs), vocab_size]
+        # the head (no bias) scores the first cutoffs[0] ids and one entry per cluster; cluster i projects
+        # down to features / div**(i+1), then out to its ids (neither with a bias), as torch.nn does
+        decoder = features * (cutoffs[0] + len(cutoffs) - 1)
+        for i in range(len(cutoffs) - 1):
+            width = int(features // (model.adaptive_div_value ** (i + 1)))
+            decoder += width * (features + cutoffs[i + 1] - cutoffs[i])
+    else:
+        decoder = (0 if model.tie_weights else features * vocab_size) + vocab_size
     return embedding + directions * stack + decoder
 
 

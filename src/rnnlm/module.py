@@ -18,7 +18,7 @@ from rnnlm.checkpoint import (
     write_resume_section,
 )
 from rnnlm.cuda_graph import GraphedStep
-from rnnlm.loss import loss_in_units, sequence_loss
+from rnnlm.loss import loss_in_units
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.vocab import Vocab
 
@@ -84,10 +84,10 @@ class RecurrentLM(L.LightningModule):
             # neighbours are in view. Window position 0 was the previous chunk's last target (or a row's
             # first token, never a target): scoring only positions 1..T counts every token once.
             window = torch.cat([inputs[:, :1], targets], 1)  # (B, T+1)
-            logits, _ = self.net(window)
-            return *sequence_loss(logits[:, 1:], targets), None
-        logits, state = self.net(inputs, state)  # (B, T, V)
-        return *sequence_loss(logits, targets), state
+            features, _ = self.net.features(window)
+            return *self.net.summed_loss(features[:, 1:], targets), None
+        features, state = self.net.features(inputs, state)  # (B, T, D)
+        return *self.net.summed_loss(features, targets), state
 
     def _carried(self, stage: str, rows: int) -> State | None:
         state = self._state[stage] if self.carry_state else None
@@ -255,7 +255,7 @@ class RecurrentLM(L.LightningModule):
     def on_train_start(self) -> None:
         self._device_step = None  # counted on from the (restored) global step
         # Restored (on_load_checkpoint) before Lightning moved the module, and in the saving run's dtype.
-        dtype = self.net.decoder.weight.dtype
+        dtype = self.net.dtype
         self._state["train"] = map_state(self._state["train"], lambda s: s.to(self.device, dtype))
         # The restored optimizer state holds the learning rate the run had reached; a resume that asks
         # for another one (e.g. lower, after a divergence) gets it.

@@ -12,6 +12,21 @@ from torch import Tensor, nn
 
 from rnnlm.backbone import CELLS, IMPLS, NONLINEARITIES, RecurrentBackbone, State
 from rnnlm.errors import ConfigError, positive_integer
+from rnnlm.loss import IGNORE_INDEX, sequence_loss
+
+SOFTMAXES = ("full", "adaptive")
+# Where the adaptive softmax's clusters start when model.adaptive_cutoffs is not given: the 2,000 most
+# frequent tokens (most of any text's tokens) in the head, then clusters of growing size and shrinking
+# width. Those below the vocabulary size are used.
+DEFAULT_CUTOFFS = (2_000, 10_000, 50_000, 200_000)
+
+
+def adaptive_cutoffs(vocab_size: int, cutoffs: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The cluster boundaries of an adaptive softmax over ``vocab_size`` frequency-sorted ids: ``cutoffs``,
+    or those of :data:`DEFAULT_CUTOFFS` that leave every cluster at least one id (empty if none does)."""
+    if cutoffs is not None:
+        return tuple(cutoffs)
+    return tuple(c for c in DEFAULT_CUTOFFS if c < vocab_size - 1)
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,13 @@ class NetworkConfig:
             backward state at t+1, so no prediction sees its own token. It cannot generate text.
         impl: ``fused`` (torch.nn kernels) or ``scratch`` (the textbook cells of :mod:`rnnlm.cells`).
         reset_after: GRU only: torch.nn's form (True) or the original reset-before GRU (scratch only).
+        softmax: ``full`` (one linear decoder over the vocabulary) or ``adaptive`` (Grave et al. 2017,
+            ``torch.nn.AdaptiveLogSoftmaxWithLoss``: the frequent tokens in a small head, the rare ones in
+            clusters reached through it, each with a narrower projection; needs ids sorted by frequency, as
+            word vocabularies are).
+        adaptive_cutoffs: where the adaptive softmax's clusters start (increasing ids); ``None`` takes
+            :func:`adaptive_cutoffs`' default for the vocabulary size.
+        adaptive_div_value: each cluster's projection is this many times narrower than the previous one.
 
     Raises:
         ConfigError: on construction, listing every invalid field as ``model.<field>=<value>`` and the fix.
@@ -53,10 +75,26 @@ class NetworkConfig:
     impl: str = "fused"
     reset_after: bool = True
     init_all: bool = False
+    softmax: str = "full"
+    adaptive_cutoffs: tuple[int, ...] | None = None
+    adaptive_div_value: float = 4.0
 
     def __post_init__(self):
+        if self.adaptive_cutoffs is not None:  # a list from YAML or a checkpoint: frozen, like the rest
+            object.__setattr__(self, "adaptive_cutoffs", tuple(self.adaptive_cutoffs))
         problems = self.problems_of(self)
         positive_integer(problems, "vocab_size", self.vocab_size)
+        if self.softmax == "adaptive" and not problems:
+            cutoffs = adaptive_cutoffs(self.vocab_size, self.adaptive_cutoffs)
+            if not cutoffs:
+                problems.append(
+                    f"model.softmax=adaptive: a vocabulary of {self.vocab_size:,} tokens is too small for the default "
+                    f"clusters (the first starts at {DEFAULT_CUTOFFS[0]:,}): use model.softmax=full, or give "
+                    "model.adaptive_cutoffs=[...]"
+                )
+            elif cutoffs[-1] >= self.vocab_size:
+                problems.append(f"model.adaptive_cutoffs={list(cutoffs)} must all be below the vocabulary size "
+                                f"({self.vocab_size:,}): lower them or drop the last")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -93,6 +131,19 @@ class NetworkConfig:
             problems.append(f"model.impl={model.impl} must be one of {'|'.join(IMPLS)}")
         if model.cell == "gru" and not model.reset_after and model.impl != "scratch":
             problems.append("model.reset_after=false (the original GRU) has no fused kernel: add model.impl=scratch")
+        if model.softmax not in SOFTMAXES:
+            problems.append(f"model.softmax={model.softmax} must be one of {'|'.join(SOFTMAXES)}")
+        elif model.softmax == "adaptive":
+            cutoffs = model.adaptive_cutoffs
+            if cutoffs is not None and (not cutoffs or any(not isinstance(c, int) or isinstance(c, bool) or c < 1
+                                                           for c in cutoffs) or list(cutoffs) != sorted(set(cutoffs))):
+                problems.append(f"model.adaptive_cutoffs={list(cutoffs)} must be increasing token counts >= 1, "
+                                "e.g. [2000,10000] (or null for the default)")
+            if not model.adaptive_div_value >= 1:
+                problems.append(f"model.adaptive_div_value={model.adaptive_div_value} must be >= 1")
+            if model.tie_weights:
+                problems.append("model.tie_weights=true shares the embedding with a full decoder, which "
+                                "model.softmax=adaptive does not have: set model.tie_weights=false")
         return problems
 
     def settings(self) -> dict:
@@ -126,7 +177,13 @@ class LanguageModel(nn.Module):
         # backward layer-1 outputs, and through them token t+1 onward.
         self.backward_backbone = stack() if config.bidirectional else None
         features = config.hidden_size * (2 if config.bidirectional else 1)
-        self.decoder = nn.Linear(features, config.vocab_size)
+        self.adaptive = config.softmax == "adaptive"
+        if self.adaptive:  # the config checked that the cutoffs fit the vocabulary
+            self.decoder = nn.AdaptiveLogSoftmaxWithLoss(
+                features, config.vocab_size, list(adaptive_cutoffs(config.vocab_size, config.adaptive_cutoffs)),
+                div_value=config.adaptive_div_value)
+        else:
+            self.decoder = nn.Linear(features, config.vocab_size)
         init_range = config.init_range
         if config.init_all:  # every weight and bias, recurrent ones too (Zaremba et al. 2014)
             for parameter in self.parameters():
@@ -134,15 +191,27 @@ class LanguageModel(nn.Module):
         else:
             if self.embedding is not None:
                 nn.init.uniform_(self.embedding.weight, -init_range, init_range)
-            nn.init.uniform_(self.decoder.weight, -init_range, init_range)
-            nn.init.zeros_(self.decoder.bias)
-        if config.tie_weights:  # checked by the config: the sizes match
+            for name, parameter in self.decoder.named_parameters():
+                if name.endswith("weight"):
+                    nn.init.uniform_(parameter, -init_range, init_range)
+                else:
+                    nn.init.zeros_(parameter)
+        if config.tie_weights:  # checked by the config: the sizes match, and the decoder is a full one
             self.decoder.weight = self.embedding.weight
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network's weights are: its inputs are made there."""
+        return next(self.decoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.decoder.parameters()).dtype
 
     def embed(self, tokens: Tensor) -> Tensor:
         """(B, T) ids -> (B, T, E) inputs of the backbone."""
         if self.embedding is None:  # one-hot: each id selects one column of the first layer's input weights
-            return F.one_hot(tokens, self.vocab_size).to(self.decoder.weight.dtype)
+            return F.one_hot(tokens, self.vocab_size).to(self.dtype)
         return self.drop(self.embedding(tokens))
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
@@ -151,7 +220,15 @@ class LanguageModel(nn.Module):
         Causal: ``logits[:, t]`` predicts ``tokens[:, t+1]``. Bidirectional: ``logits[:, t]`` predicts
         ``tokens[:, t]`` itself, from the forward state after t-1 and the backward state after t+1
         (zeros beyond the ends); no state is returned, as the backward direction has no future to carry.
+        With the adaptive softmax the logits are the full log-probabilities (already normalised).
         """
+        features, state = self.features(tokens, state)
+        return self.logits(features), state
+
+    def features(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
+        """tokens (B, T) -> what the decoder reads (B, T, D), after dropout, and the final state (see
+        :meth:`forward`). Training computes its loss from these, so an adaptive softmax never builds the
+        full (B, T, V) distribution."""
         inputs = self.embed(tokens)
         outputs, state = self.backbone(inputs, state)  # (B, T, H)
         if self.backward_backbone is not None:
@@ -160,7 +237,25 @@ class LanguageModel(nn.Module):
             before = F.pad(outputs[:, :-1], (0, 0, 1, 0))  # row t: the forward state after token t-1
             after = F.pad(backward[:, 1:], (0, 0, 0, 1))  # row t: the backward state after token t+1
             outputs, state = torch.cat([before, after], -1), None
-        return self.decoder(self.drop(outputs)), state
+        return self.drop(outputs), state
+
+    def logits(self, features: Tensor) -> Tensor:
+        """features (..., D) -> scores over the vocabulary (..., V); softmax gives the model's distribution."""
+        if self.adaptive:
+            return self.decoder.log_prob(features.reshape(-1, features.size(-1))).view(*features.shape[:-1], -1)
+        return self.decoder(features)
+
+    def summed_loss(self, features: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Summed cross-entropy (nats) of the targets (B, T) given features (B, T, D), and how many targets were
+        scored (not :data:`~rnnlm.loss.IGNORE_INDEX`). Exact for both softmaxes: the adaptive one computes
+        each target's own log-probability, through its cluster, without the rest of the distribution."""
+        if not self.adaptive:
+            return sequence_loss(self.decoder(features), targets)
+        scored = targets != IGNORE_INDEX
+        # padding gets a valid id (0) and is masked out of the sum: no data-dependent shapes here
+        target_logprob = self.decoder(features.reshape(-1, features.size(-1)),
+                                      targets.masked_fill(~scored, 0).flatten()).output
+        return -(target_logprob * scored.flatten()).sum(), scored.sum()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

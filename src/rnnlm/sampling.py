@@ -46,9 +46,13 @@ class Stepper:
                 else:  # (I + H, G*H): one product over the concatenation [x, h]
                     self.layers.append((torch.cat([w_ih, w_hh], 1).t().contiguous(), b_ih + b_hh))
             self.embedding = None if net.embedding is None else net.embedding.weight.detach()
-            self.decoder_w = net.decoder.weight.detach().t().contiguous()  # (H, V)
-            self.decoder_b = net.decoder.bias.detach()
+            # the full decoder as one (H, V) matrix; an adaptive softmax computes its own distribution
+            self.adaptive_head = net.decoder if net.adaptive else None
+            if not net.adaptive:
+                self.decoder_w = net.decoder.weight.detach().t().contiguous()
+                self.decoder_b = net.decoder.bias.detach()
         self.vocab_size = net.vocab_size
+        self.dtype = net.dtype
 
     def split_state(self, state: State) -> list:
         """``nn`` state (num_layers, B, H) [pair] -> per-layer list of h or (h, c)."""
@@ -64,9 +68,10 @@ class Stepper:
 
     @torch.no_grad()
     def step(self, tokens: Tensor, layers: list) -> tuple[Tensor, list]:
-        """tokens (B,) and per-layer state -> next-token logits (B, V) and the new per-layer state."""
+        """tokens (B,) and per-layer state -> next-token logits (B, V) (log-probabilities from an adaptive
+        softmax) and the new per-layer state."""
         if self.embedding is None:
-            x = F.one_hot(tokens, self.vocab_size).to(self.decoder_w.dtype)
+            x = F.one_hot(tokens, self.vocab_size).to(self.dtype)
         else:
             x = self.embedding[tokens]
         new = []
@@ -96,6 +101,8 @@ class Stepper:
                 pre = torch.addmm(b, torch.cat([x, state], 1), w)
                 x = torch.relu(pre) if self.relu else torch.tanh(pre)
                 new.append(x)
+        if self.adaptive_head is not None:
+            return self.adaptive_head.log_prob(x), new
         return torch.addmm(self.decoder_b, x, self.decoder_w), new
 
 
@@ -150,7 +157,7 @@ def generate_tokens(
     was_training = net.training
     net.eval()
     given_on = prompt.device
-    prompt = prompt.to(net.decoder.weight.device)
+    prompt = prompt.to(net.device)
     try:
         logits, state = net(prompt)
         logits = logits[:, -1]

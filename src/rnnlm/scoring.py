@@ -20,7 +20,7 @@ def sentence_logprobs(net: LanguageModel, vocab: Vocab, texts: list[str],
     tokens that counts. Texts are scored ``batch_size`` at a time, right-padded (padding is not scored),
     on the device of the network's weights."""
     net.eval()
-    device = _device_of(net)
+    device = net.device
     results = []
     for start in range(0, len(texts), batch_size):
         examples = []
@@ -34,11 +34,6 @@ def sentence_logprobs(net: LanguageModel, vocab: Vocab, texts: list[str],
         counts = (targets != IGNORE_INDEX).sum(1)
         results += [(-float(n), int(c)) for n, c in zip(nll.sum(1).tolist(), counts.tolist(), strict=True)]
     return results
-
-
-def _device_of(net: LanguageModel) -> torch.device:
-    """Where the network's weights are: the inputs are made there."""
-    return net.decoder.weight.device
 
 
 def _check_one_blank(text: str, blank: str, fix: str) -> None:
@@ -100,7 +95,7 @@ def fill_blank(net: LanguageModel, vocab: Vocab, text: str, blank: str = "___") 
     before, after = text.split(blank)
     left = vocab.encode_text(before)  # <start> and the tokens before the blank
     ids = [*left, 0, *vocab.encode_text(after)[1:], vocab.line_end_id]  # the blank's id (0) is never read
-    logits, _ = net.eval()(torch.tensor([ids], device=_device_of(net)))
+    logits, _ = net.eval()(torch.tensor([ids], device=net.device))
     return logits[0, len(left)].float().log_softmax(-1).cpu()
 
 
