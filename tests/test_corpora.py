@@ -1,11 +1,21 @@
 import hashlib
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rnnlm import corpora
-from rnnlm.corpora import CorpusSource, DataError, RemoteFile, named_source, path_source, read_lines, split_lines
+from rnnlm.corpora import (
+    CorpusSource,
+    DataError,
+    RemoteFile,
+    ZipMember,
+    named_source,
+    path_source,
+    read_lines,
+    split_lines,
+)
 from rnnlm.prepare import prepare
 
 
@@ -98,6 +108,86 @@ def test_offline_error_says_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setitem(corpora.CORPORA, "fake", corpora.NamedCorpus("fake", {"all": remote}, "char"))
     with pytest.raises(DataError, match=r"Put the file at .*fake/input.txt"):
         named_source("fake", tmp_path / "data")
+
+
+ZIP_TEXT = {"train": "the cat sat on the mat\n" * 30, "valid": "the dog sat\n" * 3, "test": "a cat ran\n" * 4}
+
+
+def _fake_zip_corpus(monkeypatch, tmp_path, zip_digest: str | None = None, member_digest: str | None = None) -> bytes:
+    """A named corpus 'fakezip' whose three splits come out of one zip at a file:// URL, laid out as WikiText's is."""
+    upstream = tmp_path / "upstream.zip"
+    with zipfile.ZipFile(upstream, "w", zipfile.ZIP_DEFLATED) as zf:
+        for split, text in ZIP_TEXT.items():
+            zf.writestr(f"fakezip/wiki.{split}.tokens", text)
+    payload = upstream.read_bytes()
+    archive = RemoteFile("fakezip-v1.zip", upstream.as_uri(), zip_digest or hashlib.sha256(payload).hexdigest())
+    files = {split: ZipMember(f"wiki.{split}.tokens", archive, f"fakezip/wiki.{split}.tokens",
+                              member_digest or hashlib.sha1(text.encode()).hexdigest())
+             for split, text in ZIP_TEXT.items()}
+    monkeypatch.setitem(corpora.CORPORA, "fakezip", corpora.NamedCorpus("fakezip", files, "word"))
+    return payload
+
+
+def test_zip_corpus_is_unpacked_into_its_splits_and_downloaded_once(tmp_path, monkeypatch):
+    payload = _fake_zip_corpus(monkeypatch, tmp_path)
+    data_dir = tmp_path / "data"
+    source = named_source("fakezip", data_dir)
+    folder = data_dir / "fakezip"
+    assert source.files == {s: [folder / f"wiki.{s}.tokens"] for s in ("train", "valid", "test")}
+    assert {s: p[0].read_text() for s, p in source.files.items()} == ZIP_TEXT
+    assert (folder / "fakezip-v1.zip").read_bytes() == payload  # kept: a lost file is unpacked again, not downloaded
+    prepared = prepare(source, "word", tmp_path / "cache")
+    assert {s: len(a) for s, a in prepared.splits.items()} == {"train": 7 * 30, "valid": 4 * 3, "test": 4 * 4}
+
+    (tmp_path / "upstream.zip").unlink()
+    monkeypatch.setattr(corpora, "download", lambda *a: pytest.fail("must not download again"))
+    assert named_source("fakezip", data_dir).files == source.files
+    (folder / "wiki.valid.tokens").unlink()
+    assert named_source("fakezip", data_dir).files["valid"][0].read_text() == ZIP_TEXT["valid"]
+    assert sorted(p.name for p in folder.iterdir()) == ["fakezip-v1.zip"] + [f"wiki.{s}.tokens" for s in
+                                                                              ("test", "train", "valid")]
+
+
+def test_zip_with_wrong_checksum_is_refused_in_one_line(tmp_path, monkeypatch):
+    _fake_zip_corpus(monkeypatch, tmp_path, zip_digest="0" * 64)
+    with pytest.raises(DataError, match=r"upstream.zip has SHA-256 [0-9a-f]{64}, expected 0{64}: the upstream file "
+                                        r"changed or the download was corrupted") as err:
+        named_source("fakezip", tmp_path / "data")
+    assert "\n" not in str(err.value)
+    assert not any((tmp_path / "data" / "fakezip").iterdir())  # no archive, no unpacked file
+
+
+def test_unpacked_file_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    _fake_zip_corpus(monkeypatch, tmp_path, member_digest="0" * 40)
+    with pytest.raises(DataError, match=r"fakezip/wiki.train.tokens in .*fakezip-v1.zip has SHA-1 [0-9a-f]{40}, "
+                                        r"expected 0{40}") as err:
+        named_source("fakezip", tmp_path / "data")
+    assert "\n" not in str(err.value)
+    assert [p.name for p in (tmp_path / "data" / "fakezip").iterdir()] == ["fakezip-v1.zip"]
+
+
+def test_unpacked_files_are_checked_before_tokenizing(tmp_path, monkeypatch):
+    _fake_zip_corpus(monkeypatch, tmp_path)
+    source = named_source("fakezip", tmp_path / "data")
+    train = source.files["train"][0]
+    train.write_text(ZIP_TEXT["train"][:50])
+    with pytest.raises(DataError, match=f"{train} has SHA-1 .*, expected .*: the file is truncated or changed"):
+        prepare(source, "word", tmp_path / "cache")
+
+
+def test_zip_corpus_offline_says_where_to_put_the_archive(tmp_path, monkeypatch):
+    _fake_zip_corpus(monkeypatch, tmp_path)
+    with pytest.raises(DataError, match=r"wiki.train.tokens is missing: download .*upstream.zip to "
+                                        r".*fakezip/fakezip-v1.zip \(SHA-256 [0-9a-f]{64}\)"):
+        named_source("fakezip", tmp_path / "data", allow_download=False)
+
+
+def test_wikitext103_files_sit_where_unzip_puts_them():
+    corpus = corpora.CORPORA["wikitext103"]
+    assert corpus.level == "word" and set(corpus.files) == {"train", "valid", "test"}
+    for item in corpus.files.values():
+        assert isinstance(item, ZipMember) and item.member == f"{corpus.folder}/{item.name}"
+        assert item.archive.url.startswith("https://") and len(item.archive.sha256) == 64 and len(item.sha1) == 40
 
 
 def test_ptb_tokens_match_the_published_counts(shared_data, cache_dir):

@@ -87,12 +87,12 @@ def test_a_checked_corpus_is_not_hashed_again(tmp_path, monkeypatch):
     published = "\n".join(PANGRAMS * 30).encode()
     _fake_named(monkeypatch, tmp_path / "data", published, published)
     first = prepare(named_source("fake", tmp_path / "data"), "char", tmp_path / "cache")
-    monkeypatch.setattr(corpora, "sha256_of", lambda path: pytest.fail(f"hashed {path} again"))
+    monkeypatch.setattr(corpora, "file_digest", lambda path, *a: pytest.fail(f"hashed {path} again"))
     assert prepare(named_source("fake", tmp_path / "data"), "char", tmp_path / "cache").path == first.path
 
 
 def test_the_offline_copies_pass_the_check(shared_data):
-    for name in CORPORA:
+    for name in CORPORA.keys() - {"wikitext103"}:  # a 190 MB zip: no offline copy
         corpora.verify_checksums(named_source(name, shared_data, allow_download=False))
 
 

@@ -1,9 +1,10 @@
-"""Where text comes from: named corpora (downloaded once, checked by SHA-256) and user files or folders.
+"""Where text comes from: named corpora (downloaded once, checked by published digests) and user files or folders.
 
-A corpus is resolved to a :class:`CorpusSource`: its files and how their lines are split into
-train/valid/test. Reading streams line by line, so a corpus never has to fit in memory. A file
-with Project Gutenberg's START and END lines, named corpus or not, is read without the header
-and footer around the book (:func:`gutenberg_body`).
+A named corpus's file is downloaded as it is (:class:`RemoteFile`) or unpacked from a downloaded zip
+archive (:class:`ZipMember`). A corpus is resolved to a :class:`CorpusSource`: its files and how their
+lines are split into train/valid/test. Reading streams line by line, so a corpus never has to fit in
+memory. A file with Project Gutenberg's START and END lines, named corpus or not, is read without the
+header and footer around the book (:func:`gutenberg_body`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import shutil
 import tempfile
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,24 @@ class RemoteFile:
     url: str
     sha256: str
 
+    @property
+    def digest(self) -> tuple[str, str]:
+        return "sha256", self.sha256
+
+
+@dataclass(frozen=True)
+class ZipMember:
+    """A corpus file unpacked from a zip archive; the archive is downloaded once and kept beside it."""
+
+    name: str  # file name under <data_dir>/<folder>/
+    archive: RemoteFile  # kept as <data_dir>/<folder>/<archive.name>
+    member: str  # its path inside the archive
+    sha1: str  # the published digest of the unpacked file (SHA-1, the one found published)
+
+    @property
+    def digest(self) -> tuple[str, str]:
+        return "sha1", self.sha1
+
 
 @dataclass(frozen=True)
 class NamedCorpus:
@@ -43,12 +63,20 @@ class NamedCorpus:
     """
 
     folder: str
-    files: dict[str, RemoteFile]
+    files: dict[str, RemoteFile | ZipMember]
     level: str  # the level it is usually modelled at (documentation only)
     tsv_column: str | None = None  # read this column of a TSV file with a header row
 
 
 _GITHUB = "https://raw.githubusercontent.com"
+# WikiText-103 comes as one zip; its files are unpacked to wikitext-103/wiki.{train,valid,test}.tokens, the layout
+# `unzip wikitext-103-v1.zip` gives. The URL is the author's own host: the original one,
+# s3.amazonaws.com/research.metamind.io/wikitext/, answers 403 since 2024. The zip's SHA-256 (190,229,076 bytes) is
+# in huggingface/datasets, datasets/wikitext/dataset_infos.json; torchtext (torchtext/datasets/wikitext103.py)
+# publishes MD5 9ddaacaf6af0710eda8c456decff7832 for it. The unpacked files' SHA-1s are in dmlc/gluon-nlp,
+# src/gluonnlp/data/corpora/wikitext.py, whose WikiText-2 SHA-1s match the wikitext2 files above byte for byte.
+_WIKITEXT103_ZIP = RemoteFile("wikitext-103-v1.zip", "https://wikitext.smerity.com/wikitext-103-v1.zip",
+                              "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590")
 CORPORA: dict[str, NamedCorpus] = {
     "tinyshakespeare": NamedCorpus(
         "tinyshakespeare",
@@ -84,6 +112,18 @@ CORPORA: dict[str, NamedCorpus] = {
         },
         level="word",
     ),
+    "wikitext103": NamedCorpus(
+        "wikitext-103",
+        {
+            split: ZipMember(f"wiki.{split}.tokens", _WIKITEXT103_ZIP, f"wikitext-103/wiki.{split}.tokens", digest)
+            for split, digest in (
+                ("train", "b7497e2dfe77e72cfef5e3dbc61b7b53712ac211"),
+                ("valid", "c326ac59dc587676d58c422eb8a03e119582f92b"),
+                ("test", "8a5befc548865cec54ed4273cf87dbbad60d1e47"),
+            )
+        },
+        level="word",
+    ),
     "alice": NamedCorpus(
         "alice",
         {"all": RemoteFile("alice.txt", "https://www.gutenberg.org/cache/epub/11/pg11.txt",
@@ -109,7 +149,8 @@ class CorpusSource:
     split: tuple[float, float, float] = (0.9, 0.05, 0.05)
     tsv_column: str | None = None
     notes: list[str] = field(default_factory=list, compare=False)
-    checksums: dict[Path, str] = field(default_factory=dict, compare=False)  # published SHA-256 by file
+    # published digest by file: (hashlib name, hex digest)
+    checksums: dict[Path, tuple[str, str]] = field(default_factory=dict, compare=False)
 
     def identity(self) -> dict:
         """What the token cache depends on: each file's path, size and modification time."""
@@ -123,27 +164,39 @@ class CorpusSource:
         }
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+_DIGEST_NAMES = {"sha256": "SHA-256", "sha1": "SHA-1", "md5": "MD5"}  # the hashlib names used, as people write them
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file; ``algorithm`` is a hashlib name (SHA-256, or SHA-1/MD5 where only that is published)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
+def sha256_of(path: Path) -> str:
+    return file_digest(path, "sha256")
+
+
+def _check_digest(path: Path, algorithm: str, expected: str) -> None:
+    got = file_digest(path, algorithm)
+    if got != expected:
+        raise DataError(
+            f"{path} has {_DIGEST_NAMES[algorithm]} {got}, expected {expected}: the file is truncated or changed; "
+            "delete it so the next run downloads it again, or put the original back"
+        )
+
+
 def verify_checksums(source: CorpusSource) -> None:
-    """Check each file of a named corpus against its published SHA-256 (callers do it before reading).
+    """Check each file of a named corpus against its published digest (callers do it before reading).
 
     Raises:
         DataError: a file differs, e.g. cut short by an interrupted copy.
     """
-    for path, expected in source.checksums.items():
-        got = sha256_of(path)
-        if got != expected:
-            raise DataError(
-                f"{path} has SHA-256 {got}, expected {expected}: the file is truncated or changed; delete it so "
-                "the next run downloads it again, or put the original back"
-            )
+    for path, (algorithm, expected) in source.checksums.items():
+        _check_digest(path, algorithm, expected)
 
 
 def download(remote: RemoteFile, dest: Path) -> None:
@@ -171,20 +224,61 @@ def download(remote: RemoteFile, dest: Path) -> None:
             os.unlink(tmp)
 
 
+def unpack(item: ZipMember, dest: Path, allow_download: bool = True) -> None:
+    """Take ``item`` out of its zip archive to ``dest``, downloading the archive first if it is not beside ``dest``.
+
+    The file goes through a temporary file, renamed into place only once its digest matches; an archive
+    found in place (a copy put there by hand, or one kept from an earlier run) is checked first.
+
+    Raises:
+        DataError: the archive is missing and may not be downloaded, or differs from the published one.
+    """
+    archive = dest.parent / item.archive.name
+    if not archive.is_file():
+        if not allow_download:
+            raise DataError(f"{dest} is missing: download {item.archive.url} to {archive} "
+                            f"(SHA-256 {item.archive.sha256}); it is unpacked on the next run")
+        download(item.archive, archive)
+    else:
+        _check_digest(archive, *item.archive.digest)
+    log.info("Unpacking %s from %s -> %s", item.member, archive, dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    algorithm, expected = item.digest
+    digest = hashlib.new(algorithm)
+    try:
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(archive) as zf, zf.open(item.member) as member:
+            for block in iter(lambda: member.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != expected:
+            raise DataError(f"{item.member} in {archive} has {_DIGEST_NAMES[algorithm]} {digest.hexdigest()}, "
+                            f"expected {expected}: delete the archive so the next run downloads it again")
+        os.replace(tmp, dest)
+    except (OSError, KeyError, zipfile.BadZipFile) as err:  # no such member, a damaged archive, a full disk
+        raise DataError(f"cannot unpack {item.member} from {archive} ({err}): delete the archive so the next run "
+                        "downloads it again") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def named_source(name: str, data_dir: Path, allow_download: bool = True) -> CorpusSource:
-    """Files of a named corpus under ``data_dir``, downloading the missing ones."""
+    """Files of a named corpus under ``data_dir``, downloading (or unpacking) the missing ones."""
     if name not in CORPORA:
         raise DataError(f"unknown corpus {name!r}: use data.corpus={'|'.join(CORPORA)}, or data.path=FILE_OR_FOLDER")
     corpus = CORPORA[name]
-    files = {}
-    for split, remote in corpus.files.items():
-        path = data_dir / corpus.folder / remote.name
+    files, checksums = {}, {}
+    for split, item in corpus.files.items():
+        path = data_dir / corpus.folder / item.name
         if not path.is_file():
-            if not allow_download:
-                raise DataError(f"{path} is missing: download {remote.url} there (SHA-256 {remote.sha256})")
-            download(remote, path)
+            if isinstance(item, ZipMember):
+                unpack(item, path, allow_download)
+            elif not allow_download:
+                raise DataError(f"{path} is missing: download {item.url} there (SHA-256 {item.sha256})")
+            else:
+                download(item, path)
         files[split] = [path]
-    checksums = {files[split][0]: remote.sha256 for split, remote in corpus.files.items()}
+        checksums[path] = item.digest
     return CorpusSource(name=name, files=files, tsv_column=corpus.tsv_column, checksums=checksums)
 
 
