@@ -9,7 +9,7 @@ Cache layout (one folder per corpus, level and vocabulary settings)::
 
 The folder is built under a temporary name and renamed into place, so an interrupted run or two
 runs racing never leave a half-written cache. Re-running with the same input is instant. A named
-corpus is checked against its published SHA-256 before it is tokenized; the folder's key holds each
+corpus is checked against its published digests before it is tokenized; the folder's key holds each
 file's size and modification time, so a folder that exists was built from checked files. A folder
 damaged later (a file cut short, a broken vocab.json) is rebuilt.
 """
