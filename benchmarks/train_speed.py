@@ -15,10 +15,16 @@ ends once the GPU has finished the last step; raw_lm.py waits for the GPU after 
     python benchmarks/train_speed.py --device cuda --variant model.cuda_graph=true --json speed.json
     python benchmarks/train_speed.py --device cuda --size 650 --no-raw --variant trainer.precision=bf16-mixed
     python benchmarks/train_speed.py --table a.json b.json  # one Markdown table from earlier --json files
+    python benchmarks/train_speed.py --config wt2 --variant model.softmax=adaptive   # WikiText-2: full vs adaptive
 
 ``--override KEY=VALUE`` adds a Hydra override to every rnnlm run; ``--variant "KEY=VALUE ..."`` adds one
 more rnnlm run to each round, with those overrides on top (so raw, rnnlm and rnnlm with a CUDA graph
 alternate in one run). The final training loss of each side is the mean of its last 50 step losses.
+
+Distance to the machine's limit: each run's multiply-adds per training token are counted (the recurrent and
+decoder matrix products, forward, times 3 for the backward pass's two products; an adaptive softmax's clusters
+weighted by how often the training text reaches them), a large fp32 matrix product is timed in the same run,
+and the achieved GFLOP/s (2 per multiply-add) is printed with its fraction of that product's.
 """
 
 from __future__ import annotations
@@ -35,15 +41,19 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from rnnlm.checks import ConfigError
 from rnnlm.commands.cli import CONF_DIR, describe_hydra_error
 from rnnlm.commands.train import train
 from rnnlm.corpora import named_source
 from rnnlm.errors import UserError
+from rnnlm.network import adaptive_cutoffs
 
 LAST_LOSSES = 50  # the final training loss is the mean of this many last steps (as raw_lm.py reports it)
 
@@ -122,9 +132,58 @@ PRESETS = {
                     optimizer="adam", lr=2e-3, clip=5.0, dropout=0.2, steps=60),
     "char64": dict(corpus="tinyshakespeare", level="char", emsize=64, size=64, layers=1, seq_len=64, batch_size=32,
                    optimizer="adam", lr=2e-3, clip=5.0, dropout=0.0, steps=400),
+    "wt2": dict(corpus="wikitext2", level="word", emsize=200, size=200, layers=2, seq_len=35, batch_size=20,
+                optimizer="sgd", lr=20.0, clip=0.25, dropout=0.2, steps=150),
 }
 CORPUS_FILES = {"ptb": [f"ptb/ptb.{s}.txt" for s in ("train", "valid", "test")],
+                "wikitext2": [f"wikitext-2/{s}.txt" for s in ("train", "valid", "test")],
                 "tinyshakespeare": ["tinyshakespeare/input.txt"]}
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # weight blocks per layer
+
+
+def multiply_adds_per_token(cfg: DictConfig) -> float:
+    """Multiply-adds of the matrix products one training token costs: forward through the recurrent stack and
+    the decoder, times 3 (backward computes the inputs' and the weights' gradients, a product each). Embedding
+    lookups, the gates' elementwise maths and the softmax's exponentials are left out.
+
+    An adaptive softmax scores every token in its head (the first cutoff's ids plus one per cluster) and, for a
+    token in cluster i, that cluster's projection down and out to its ids: weighted here by the share of the
+    training text's tokens in each cluster.
+    """
+    model, data = cfg.model, instantiate(cfg.data, _convert_="all")
+    vocab = len(data.vocab)
+    directions = 2 if model.bidirectional else 1
+    inputs = [model.embedding_dim or vocab] + [model.hidden_size] * (model.num_layers - 1)  # one-hot: a dense product
+    recurrent = directions * sum(GATES[model.cell] * model.hidden_size * (i + model.hidden_size) for i in inputs)
+    features = model.hidden_size * directions
+    if model.softmax != "adaptive":
+        return 3.0 * (recurrent + features * vocab)
+    cutoffs = [*adaptive_cutoffs(vocab, model.adaptive_cutoffs), vocab]
+    counts = np.bincount(np.asarray(data.load().splits["train"]), minlength=vocab)
+    decoder = float(features * (cutoffs[0] + len(cutoffs) - 1))
+    for i in range(len(cutoffs) - 1):
+        share = counts[cutoffs[i]:cutoffs[i + 1]].sum() / counts.sum()
+        width = int(features // (model.adaptive_div_value ** (i + 1)))
+        decoder += share * width * (features + cutoffs[i + 1] - cutoffs[i])
+    return 3.0 * (recurrent + decoder)
+
+
+def matmul_gflops(device: str, rounds: int = 5) -> float:
+    """The best GFLOP/s of a large square fp32 matrix product on ``device``: what this machine can reach."""
+    n = 8192 if device == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    repeats = 20 if device == "cuda" else 4
+    seconds = []
+    for _round in range(rounds + 1):  # the first round warms up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return 2 * n**3 * repeats / min(seconds[1:]) / 1e9
 
 
 def run_raw(args) -> tuple[float, float]:
@@ -142,9 +201,8 @@ def run_raw(args) -> tuple[float, float]:
     return result["train_tok_per_s_median"], result["train_loss_last"]
 
 
-def run_rnnlm(args, out_dir: Path, extra: list[str]) -> tuple[float, float, float | None, str | None]:
-    """Median step rate, wall-clock rate, final training loss of rnnlm on the same settings (no validation), and
-    with a CUDA graph, how many steps were replayed from it ("replays/steps")."""
+def compose_rnnlm(args, extra: list[str]) -> DictConfig:
+    """rnnlm's config for the same settings as raw_lm.py's (no validation), with ``extra`` overrides on top."""
     overrides = [
         f"model={args.model}", f"data={args.level}", f"data.corpus={args.corpus}", f"paths.data_dir={args.data_dir}",
         f"paths.cache_dir={args.cache_dir}", f"model.embedding_dim={args.emsize}", f"model.hidden_size={args.size}",
@@ -159,9 +217,15 @@ def run_rnnlm(args, out_dir: Path, extra: list[str]) -> tuple[float, float, floa
     ]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
-            cfg = compose("train", overrides=overrides)
+            return compose("train", overrides=overrides)
         except HydraException as err:  # e.g. an override naming a setting this checkout does not have
             raise ConfigError(describe_hydra_error(err)) from err
+
+
+def run_rnnlm(args, out_dir: Path, extra: list[str]) -> tuple[float, float, float | None, str | None]:
+    """Median step rate, wall-clock rate, final training loss of rnnlm on the same settings (no validation), and
+    with a CUDA graph, how many steps were replayed from it ("replays/steps")."""
+    cfg = compose_rnnlm(args, extra)
     cfg.paths.output_dir = str(out_dir / "run")
     timer = StepTimer(cuda=args.device == "cuda")
     try:
@@ -262,6 +326,10 @@ def main() -> None:
     named_source(args.corpus, args.data_dir)  # raw_lm.py reads the files: download a missing corpus first
 
     runs = [list(args.override)] + [list(args.override) + shlex.split(v) for v in args.variant]
+    macs = {variant_name(extra): multiply_adds_per_token(compose_rnnlm(args, extra)) for extra in runs}
+    raw_macs = multiply_adds_per_token(compose_rnnlm(args, [*args.override, "model.softmax=full"]))  # raw_lm.py's
+    peak = matmul_gflops(args.device)
+    print(f"fp32 matrix product ({'8192' if args.device == 'cuda' else '2048'}^2): {peak:,.1f} GFLOP/s", flush=True)
     raw, raw_loss = [], []
     ours = {variant_name(extra): {"step": [], "wall": [], "loss": [], "error": None} for extra in runs}
     for round_ in range(args.rounds):
@@ -301,8 +369,13 @@ def main() -> None:
           f"medians of {args.rounds} rounds")
     if args.override:
         print(f"rnnlm overrides: {' '.join(args.override)}")
+    def share_of_peak(tok_s: float, per_token: float) -> str:
+        achieved = 2 * per_token * tok_s / 1e9
+        return (f"{per_token / 1e6:.2f} M multiply-adds/token, {achieved:,.1f} GFLOP/s = {achieved / peak:.1%} "
+                "of the matmul's")
+
     if r is not None:
-        print(f"raw_lm.py        {r:>9,.0f} tok/s")
+        print(f"raw_lm.py        {r:>9,.0f} tok/s   {share_of_peak(r, raw_macs)}")
     summary, losses = {}, [] if r is None else [f"raw_lm {median_or_none(raw_loss):.4f}"]
     base = ours[variant_name(runs[0])]
     w0 = statistics.median(base["wall"]) if base["wall"] and not base["error"] else None  # the variants' yardstick
@@ -315,7 +388,8 @@ def main() -> None:
             continue
         o, w = statistics.median(result["step"]), statistics.median(result["wall"])
         loss = median_or_none(result["loss"])
-        print(f"{prefix + ' (steps)':<16} {o:>9,.0f} tok/s" + (f"   ratio to raw {o / r:.3f}" if r else ""))
+        print(f"{prefix + ' (steps)':<16} {o:>9,.0f} tok/s" + (f"   ratio to raw {o / r:.3f}" if r else "")
+              + f"   {share_of_peak(o, macs[name])}")
         print(f"{prefix + ' (wall)':<16} {w:>9,.0f} tok/s" + (f"   ratio to raw {w / r:.3f}" if r else "")
               + (f"   ratio to rnnlm {w / w0:.3f}" if i and w0 else ""))
         if r and len(result["wall"]) == len(raw) > 1:  # each round against its own raw run: drift cancels
@@ -325,7 +399,8 @@ def main() -> None:
         losses.append(f"{prefix} {'—' if loss is None else f'{loss:.4f}'}")
         summary[name] = {"overrides": extra, "status": "ok", "step_tok_s": o, "wall_tok_s": w, "final_loss": loss,
                          "step_ratio": o / r if r else None, "wall_ratio": w / r if r else None,
-                         "graph_replays": result.get("graph_replays"),
+                         "graph_replays": result.get("graph_replays"), "multiply_adds_per_token": macs[name],
+                         "step_gflops": 2 * macs[name] * o / 1e9,
                          "rounds": {"step_tok_s": result["step"], "wall_tok_s": result["wall"],
                                     "final_loss": result["loss"]}}
     print(f"final training loss (mean of the last {LAST_LOSSES} steps): {' | '.join(losses)}")
@@ -333,12 +408,14 @@ def main() -> None:
     if args.json:
         label = args.label or f"{args.layers}x{args.size}, batch {args.batch_size}, seq {args.seq_len}"
         raw_summary = None if args.no_raw else {"tok_s": r, "final_loss": median_or_none(raw_loss),
+                                                "multiply_adds_per_token": raw_macs, "gflops": 2 * raw_macs * r / 1e9,
                                                 "rounds": {"tok_s": raw, "final_loss": raw_loss}}
         settings = {k: getattr(args, k) for k in ("config", "corpus", "level", "model", "emsize", "size", "layers",
                                                   "seq_len", "batch_size", "optimizer", "lr", "clip", "dropout",
                                                   "steps", "warmup", "rounds", "device", "override")}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"label": label, "settings": settings, "torch": torch.__version__,
+                                         "matmul_gflops": peak,
                                          "raw_lm": raw_summary, "rnnlm": summary}, indent=1) + "\n")
     failed = [n for n, s in summary.items() if s["status"] == "failed"
               or (s["status"] == "refused" and not args.refusals_ok)]
