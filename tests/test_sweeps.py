@@ -30,7 +30,7 @@ def test_parallel_sweep_records_a_failing_job_and_reports(tmp_path, tiny_corpus,
     folder, run = sweep(tmp_path, tiny_corpus, cache_dir, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                         "model=rnn,gru", "model.hidden_size=16,0")
     assert "Job failed: ConfigError: model.hidden_size=0 must be a positive integer" in run.stdout + run.stderr
-    summary_csv, summary_md, curves_png = write_report(folder)
+    summary_csv, summary_md, curves_png = write_report(folder)  # no diagnostics: no gradient_flow.png
     rows = list(csv.DictReader(summary_csv.open()))
     assert sorted((r["model"], r["model.hidden_size"], r["status"]) for r in rows) == [
         ("gru", "0", "failed"), ("gru", "16", "ok"), ("rnn", "0", "failed"), ("rnn", "16", "ok")]

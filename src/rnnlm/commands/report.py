@@ -2,14 +2,16 @@
 
 Writes, into the sweep folder, ``summary.csv`` and ``summary.md`` (one row per job: the swept values,
 parameter count, best validation loss and perplexity or bits per character, test metrics, tokens/s,
-wall time, status) and ``curves.png`` (every job's validation loss against tokens seen). Nothing is
-re-run: each job's ``run_summary.json`` and its TensorBoard events (or ``csv/metrics.csv``) are read.
+wall time, status), ``curves.png`` (every job's validation loss against tokens seen) and, for jobs
+trained with ``callbacks=diagnostics``, ``gradient_flow.png`` (how far back each one's gradient reaches). Nothing
+is re-run: each job's ``run_summary.json`` and its TensorBoard events (or ``csv/metrics.csv``) are read.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import yaml
 from rnnlm.loss import loss_in_units
 
 SKIPPED_OVERRIDES = ("hydra.", "paths.")  # where things go, not what was compared
+GRADIENT_FLOW_FILE = "gradient_flow.csv"  # written by rnnlm.diagnostics.GradientFlow
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -105,8 +108,9 @@ def varying_overrides(jobs: list[Path]) -> tuple[list[str], dict[str, str]]:
     return varying, shared
 
 
-def write_report(sweep: Path) -> tuple[Path, Path, Path]:
-    """Write summary.csv, summary.md and curves.png into ``sweep``; return their paths."""
+def write_report(sweep: Path) -> list[Path]:
+    """Write summary.csv, summary.md and curves.png into ``sweep`` (and gradient_flow.png when its jobs measured
+    it, ``callbacks=diagnostics``); return their paths."""
     jobs = job_dirs(sweep)
     if not jobs:
         raise SystemExit(f"error: {sweep} holds no job folders (each has .hydra/config.yaml): give a sweep folder")
@@ -125,7 +129,10 @@ def write_report(sweep: Path) -> tuple[Path, Path, Path]:
     lines += ["| " + " | ".join(_cell(c, row.get(c)).replace("|", "\\|") for c in columns) + " |" for row in rows]
     md_path.write_text("\n".join(lines) + "\n")
     _plot(jobs, swept, png_path)
-    return csv_path, md_path, png_path
+    written = [csv_path, md_path, png_path]
+    if any((job / GRADIENT_FLOW_FILE).is_file() for job in jobs):
+        written.append(_plot_gradient_flow(jobs, swept, sweep / "gradient_flow.png"))
+    return written
 
 
 def _plot(jobs: list[Path], swept: list[str], path: Path) -> None:
@@ -153,6 +160,35 @@ def _plot(jobs: list[Path], swept: list[str], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def _plot_gradient_flow(jobs: list[Path], swept: list[str], path: Path) -> Path:
+    """Each job's last measured ‖∂L/∂h_{T-k}‖ against k, relative to k = 0, on one log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for job in jobs:
+        if not (job / GRADIENT_FLOW_FILE).is_file():
+            continue
+        with open(job / GRADIENT_FLOW_FILE, newline="") as fh:
+            rows = [(int(r["step"]), int(r["k"]), float(r["grad_norm"])) for r in csv.DictReader(fh)]
+        last = max(step for step, _, _ in rows)
+        norms = [norm for step, _, norm in sorted(rows) if step == last]
+        values = swept_values(job)
+        label = ", ".join(f"{k}={values.get(k, '')}" for k in swept) or job.name
+        axes.semilogy(range(len(norms)), [max(n / norms[0], 1e-30) if norms[0] else math.nan for n in norms],
+                      label=f"{label} (step {last})")
+    axes.set_xlabel("k: steps back from the prediction")
+    axes.set_ylabel("‖∂L/∂h_{T-k}‖ / ‖∂L/∂h_T‖")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
 
 
 def main() -> None:
