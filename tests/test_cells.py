@@ -1,5 +1,5 @@
-"""Textbook cells: the equations by hand, equivalence with torch.nn's fused kernels, Keras shapes,
-and the bidirectional language model that never sees the token it predicts."""
+"""Textbook cells: the equations by hand, equivalence with torch.nn's fused kernels, and the bidirectional
+language model that never sees the token it predicts (the Keras view is in test_keras.py)."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from rnnlm.backbone import KerasRecurrent, RecurrentBackbone
+from rnnlm.backbone import RecurrentBackbone
 from rnnlm.cells import GRUCell, LSTMCell, RNNCell, ScratchRecurrent, from_fused, run_cell, to_fused
 from rnnlm.network import LanguageModel, NetworkConfig
 
@@ -142,41 +142,6 @@ def test_language_model_weights_convert_between_implementations():
     scratch.backbone.load_fused_state_dict(fused.backbone.fused_state_dict())
     tokens = torch.randint(0, 40, (2, 9))
     torch.testing.assert_close(fused(tokens)[0], scratch(tokens)[0], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "cell,kwargs,shapes",
-    [  # the Keras shape table: units=3 on a (1, 4, 5) batch
-        ("rnn", {}, [(1, 3)]),
-        ("rnn", {"return_sequences": True}, [(1, 4, 3)]),
-        ("lstm", {"return_state": True}, [(1, 3), (1, 3), (1, 3)]),
-        ("lstm", {"return_sequences": True, "return_state": True}, [(1, 4, 3), (1, 3), (1, 3)]),
-        ("gru", {"return_state": True}, [(1, 3), (1, 3)]),
-        ("lstm", {"bidirectional": True}, [(1, 6)]),
-        ("lstm", {"bidirectional": True, "merge_mode": "sum"}, [(1, 3)]),
-        ("gru", {"bidirectional": True, "merge_mode": "ave", "return_sequences": True}, [(1, 4, 3)]),
-        ("lstm", {"bidirectional": True, "return_state": True}, [(1, 6), (1, 3), (1, 3), (1, 3), (1, 3)]),
-    ],
-)
-@pytest.mark.parametrize("impl", ["fused", "scratch"])
-def test_keras_shapes(cell, kwargs, shapes, impl):
-    torch.manual_seed(0)
-    layer = KerasRecurrent(cell, 5, 3, impl=impl, **kwargs)
-    out = layer(torch.randn(1, 4, 5))
-    outs = out if isinstance(out, list) else [out]
-    assert [tuple(t.shape) for t in outs] == shapes
-    if kwargs.get("return_state") and not kwargs.get("bidirectional") and not kwargs.get("return_sequences"):
-        assert torch.equal(outs[0], outs[1])  # the output of the last step is the last h
-
-
-def test_keras_bidirectional_last_output_joins_both_ends():
-    torch.manual_seed(0)
-    layer = KerasRecurrent("gru", 5, 3, bidirectional=True, return_sequences=True)
-    x = torch.randn(2, 4, 5)
-    sequences = layer(x)
-    layer.return_sequences = False
-    last = layer(x)
-    assert torch.equal(last[:, :3], sequences[:, -1, :3]) and torch.equal(last[:, 3:], sequences[:, 0, 3:])
 
 
 @pytest.mark.parametrize("impl", ["fused", "scratch"])

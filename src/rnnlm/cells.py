@@ -277,17 +277,32 @@ def _fused_suffix(k: int, directions: int) -> str:
     return f"l{layer}" + ("_reverse" if direction else "")
 
 
+RESET_BEFORE_HAS_NO_FUSED_FORM = (
+    "a reset-before GRU (reset_after=False) has no fused form: torch.nn.GRU computes only the reset-after GRU, "
+    "so its weights cannot be converted to or from torch.nn's layout; keep impl=scratch (copy weights with "
+    "state_dict), or use reset_after=True"
+)
+
+
+def _is_reset_before(cell: Cell) -> bool:
+    return cell.kind == "gru" and not cell.reset_after
+
+
 @torch.no_grad()
 def to_fused(scratch: ScratchRecurrent, strict: bool = True) -> dict[str, Tensor]:
     """A ``torch.nn.RNN/LSTM/GRU`` state dict with the same function as ``scratch``.
 
     The textbook bias ``b`` becomes ``bias_ih`` (``bias_hh`` is zero), except a reset-after GRU's
     candidate, whose recurrent bias ``b_hg`` is ``bias_hh``'s last block.
+
+    Raises:
+        ValueError: a reset-before GRU, unless ``strict=False``: then its matrices come in the same layout
+            for code that computes that form itself (:class:`rnnlm.sampling.Stepper`); torch.nn.GRU cannot.
     """
     out = {}
     for k, cell in enumerate(scratch.cells):
-        if strict and cell.kind == "gru" and not cell.reset_after:
-            raise ValueError("torch.nn.GRU computes the reset-after GRU; a reset-before GRU has no fused form")
+        if strict and _is_reset_before(cell):
+            raise ValueError(RESET_BEFORE_HAS_NO_FUSED_FORM)
         suffix = _fused_suffix(k, scratch.directions)
         w_x, w_h, b = cell.stacked()
         b_hh = torch.zeros_like(b)
@@ -300,7 +315,13 @@ def to_fused(scratch: ScratchRecurrent, strict: bool = True) -> dict[str, Tensor
 
 @torch.no_grad()
 def from_fused(scratch: ScratchRecurrent, fused: dict[str, Tensor]) -> None:
-    """Load a ``torch.nn.RNN/LSTM/GRU`` state dict into ``scratch`` (the inverse of :func:`to_fused`)."""
+    """Load a ``torch.nn.RNN/LSTM/GRU`` state dict into ``scratch`` (the inverse of :func:`to_fused`).
+
+    Raises:
+        ValueError: ``scratch`` is a reset-before GRU, which torch.nn's weights cannot describe (nothing is loaded).
+    """
+    if any(_is_reset_before(cell) for cell in scratch.cells):
+        raise ValueError(RESET_BEFORE_HAS_NO_FUSED_FORM)
     for k, cell in enumerate(scratch.cells):
         suffix = _fused_suffix(k, scratch.directions)
         w_x, w_h = fused[f"weight_ih_{suffix}"], fused[f"weight_hh_{suffix}"]
