@@ -57,6 +57,9 @@ def check_train_config(cfg: DictConfig) -> None:
     split = list(data.split)
     if len(split) != 3 or any(f < 0 for f in split) or sum(split) > 1 + 1e-9:
         problems.append(f"data.split={split} must be three fractions (train, valid, test) summing to at most 1")
+    if not isinstance(data.holdout, bool):
+        problems.append(f"data.holdout={data.holdout} must be true (validate on held-out text) or false "
+                        "(validate on the training text)")
     if cfg.seed is not None and (not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool)):
         problems.append(f"seed={cfg.seed} must be an integer (or null for a random one)")
     positive_number(problems, "optimizer.lr", cfg.optimizer.lr)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-from rnnlm.corpora import CorpusSource, DataError, named_source, path_source
+from rnnlm.corpora import SPLITS, CorpusSource, DataError, named_source, path_source
 from rnnlm.loss import IGNORE_INDEX
 from rnnlm.prepare import PreparedCorpus, prepare
 from rnnlm.vocab import Vocab
@@ -174,6 +174,19 @@ def split_dataset(ids: np.ndarray, vocab: Vocab, mode: str, seq_len: int, batch_
     return dataset
 
 
+def training_text_everywhere(source: CorpusSource) -> CorpusSource:
+    """``data.holdout=false``: the source with its training text as the valid and test splits too.
+
+    The whole of a lone file (or of the ``*.txt`` files read as one corpus) trains, with ``data.split``
+    ignored; a folder's train.txt trains and stands in for valid.txt and test.txt. Scores then say how well
+    the text was memorized, not how well the model generalizes: meant for a few lines learned by heart, which
+    a held-out split could not be cut from.
+    """
+    train = source.files["all"] if "all" in source.files else source.files["train"]
+    # the source's notes say how its splits were found, which no longer applies
+    return dataclasses.replace(source, files={split: list(train) for split in SPLITS}, notes=[])
+
+
 class TextDataModule(L.LightningDataModule):
     """Word- or char-level corpus as stream chunks (truncated BPTT) or padded sentences.
 
@@ -185,6 +198,10 @@ class TextDataModule(L.LightningDataModule):
         seq_len: time steps per chunk (stream) or the longest training example (sentence; validation and
             test lines are read whole, so every token is scored).
         batch_size / eval_batch_size: rows per batch on each process for training / evaluation.
+        split: train/valid/test fractions of the lines of a corpus that comes as one file.
+        holdout: validate and test on text held out from training (``split``, or valid.txt/test.txt); False
+            validates and tests on the training text itself, for a few lines learned by heart
+            (:func:`training_text_everywhere`).
         data_dir: where named corpora live (downloaded when missing).
         cache_dir: where token ids are cached; may differ from a read-only ``data_dir``.
     """
@@ -201,6 +218,7 @@ class TextDataModule(L.LightningDataModule):
         min_freq: int = 1,
         max_size: int | None = None,
         split: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        holdout: bool = True,
         data_dir: str = "data",
         cache_dir: str = ".cache",
         download: bool = True,
@@ -217,7 +235,8 @@ class TextDataModule(L.LightningDataModule):
             src = path_source(Path(hp.path).expanduser())
         else:
             src = named_source(hp.corpus, Path(hp.data_dir).expanduser(), allow_download=hp.download)
-        return dataclasses.replace(src, split=tuple(hp.split))
+        src = dataclasses.replace(src, split=tuple(hp.split))
+        return src if hp.holdout else training_text_everywhere(src)
 
     def load(self) -> PreparedCorpus:
         """Token ids and vocabulary, tokenized on first use and cached."""
@@ -226,6 +245,8 @@ class TextDataModule(L.LightningDataModule):
             source = self.source()
             for note in source.notes:
                 log.warning(note)
+            if not hp.holdout:
+                log.info("data.holdout=false: validating and testing on the training text (%s)", source.name)
             self._prepared = prepare(source, hp.level, Path(hp.cache_dir).expanduser(), hp.mode,
                                      hp.min_freq, hp.max_size)
         return self._prepared
