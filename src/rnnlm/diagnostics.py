@@ -133,7 +133,7 @@ def _figure(norms: list[float], cell: str, step: int):
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.semilogy(range(len(norms)), [max(n, 1e-30) for n in norms])
     ax.set_xlabel("k (steps back from the prediction)")
-    ax.set_ylabel("‖∂L/∂h_{T-k}‖")
+    ax.set_ylabel("‖∂L/∂h(T−k)‖")
     ax.set_title(f"{cell}, step {step}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -182,7 +182,7 @@ def _plot_gradient_flow(jobs: list[Path], swept: list[str], path: Path) -> Path:
         axes.semilogy(range(len(norms)), [max(n / norms[0], 1e-30) if norms[0] else math.nan for n in norms],
                       label=f"{label} (step {last})")
     axes.set_xlabel("k: steps back from the prediction")
-    axes.set_ylabel("‖∂L/∂h_{T-k}‖ / ‖∂L/∂h_T‖")
+    axes.set_ylabel("‖∂L/∂h(T−k)‖ / ‖∂L/∂h(T)‖")
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)
     figure.tight_layout()
