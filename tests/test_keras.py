@@ -10,8 +10,6 @@ from torch import nn
 
 from rnnlm.backbone import KerasRecurrent, RecurrentBackbone
 from rnnlm.cells import RESET_BEFORE_HAS_NO_FUSED_FORM
-from rnnlm.network import LanguageModel, NetworkConfig
-from rnnlm.sampling import Stepper, generate_tokens
 
 UNITS, BATCH, STEPS, FEATURES = 3, 2, 4, 5
 UNIDIRECTIONAL = "unidirectional"  # not wrapped in Bidirectional (merge_mode=None is a Bidirectional case)
@@ -141,21 +139,3 @@ def test_reset_before_gru_weights_do_not_convert_to_or_from_torch_nn():
         backbone.load_fused_state_dict(nn.GRU(4, 4, num_layers=2, batch_first=True).state_dict())
     for name, value in backbone.state_dict().items():  # the refused load left every weight as it was
         assert torch.equal(value, before[name]), name
-
-
-def test_reset_before_gru_generates_from_its_own_weights():
-    """sampling.Stepper reads the weights with fused_state_dict(strict=False) and computes the reset-before
-    candidate itself: its steps give the full sequence's logits."""
-    torch.manual_seed(0)
-    net = LanguageModel(NetworkConfig(30, "gru", 16, 24, 2, 0.0, impl="scratch", reset_after=False)).eval()
-    tokens = torch.randint(0, 30, (3, 12))
-    with torch.no_grad():
-        full, _ = net(tokens)
-        _, state = net(tokens[:, :4])
-    stepper = Stepper(net)
-    layers, steps = stepper.split_state(state), []
-    for t in range(4, 12):
-        logits, layers = stepper.step(tokens[:, t], layers)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], rtol=1e-5, atol=1e-5)
-    assert generate_tokens(net, tokens[:1, :3], 5, greedy=True).shape == (1, 5)
