@@ -490,7 +490,8 @@ def split_lines(source: CorpusSource) -> Iterator[tuple[str, str]]:
                 for _ in text_lines(path, source.tsv_column):
                     pass
             raise DataError(f"corpus {source.name!r} has only {n} line(s), too few for data.split={shown} to give the "
-                            f"{split} split one: use a longer file or larger fractions, e.g. data.split=[0.8,0.1,0.1]")
+                            f"{split} split one: use a longer file or larger fractions, e.g. data.split=[0.8,0.1,0.1] "
+                            "(or, to learn a few lines by heart, data.holdout=false)")
     i = 0
     for path in paths:
         for line in text_lines(path, source.tsv_column):
