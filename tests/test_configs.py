@@ -22,7 +22,7 @@ def choices(group: str) -> list[str]:
 
 def test_every_group_has_its_files():
     assert choices("model") == ["gru", "lstm", "rnn"]
-    assert choices("data") == ["char", "word"]
+    assert choices("data") == ["char", "recall", "word"]
     assert choices("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert {"shakespeare_char", "ptb_word"} <= set(choices("experiment"))
 
@@ -53,7 +53,10 @@ def test_struct_mode_rejects_a_misspelled_override(make_cfg):
 
 @pytest.mark.parametrize("experiment", choices("experiment"))
 def test_every_experiment_runs_a_few_steps(make_cfg, experiment, tiny_corpus):
-    cfg = make_cfg(f"experiment={experiment}", f"data.path={tiny_corpus}", "trainer.max_steps=2",
+    # the recall task makes its own text: short lines, few of them
+    data = (["data.recall.distance=5", "data.recall.examples=[40,10,10]"] if experiment == "long_range"
+            else [f"data.path={tiny_corpus}"])
+    cfg = make_cfg(f"experiment={experiment}", *data, "trainer.max_steps=2",
                    "test=false", "model.num_layers=1", "model.hidden_size=16", "model.embedding_dim=16")
     metrics = train(cfg)
     assert metrics["val/loss"] > 0

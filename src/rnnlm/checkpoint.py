@@ -221,7 +221,8 @@ class LoadedModel:
         from rnnlm.module import RecurrentLM  # imports Lightning: only evaluation needs it
 
         network = {k: v for k, v in self.info["network"].items() if k != "vocab_size"}
-        module = RecurrentLM(self.vocab, carry_state=self.info["carry_state"], **network)
+        module = RecurrentLM(self.vocab, carry_state=self.info["carry_state"],
+                             answer_accuracy=self.data.get("scored") == "last", **network)
         module.load_state_dict({k: v for k, v in self.state_dict.items() if k != LEGACY_BEST_KEY})
         return module.eval()
 

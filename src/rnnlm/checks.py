@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -52,7 +53,23 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("seq_len", "batch_size", "eval_batch_size", "min_freq"):
         positive_integer(problems, f"data.{key}", data[key])
     positive_integer(problems, "data.max_size", data.max_size, allow_none=True)
-    if not data.path and data.corpus not in CORPORA:
+    if data.get("scored", "all") not in ("all", "last"):
+        problems.append(f"data.scored={data.scored} must be all or last")
+    elif data.get("scored") == "last" and data.mode != "sentence":
+        problems.append("data.scored=last scores each line's last word: use data.mode=sentence")
+    if data.get("recall"):
+        recall = data.recall
+        if data.path:
+            problems.append(f"data.path={data.path} and data.recall (the synthetic task, data=recall) are two corpora: "
+                            "drop one (data.recall=null reads the file)")
+        positive_integer(problems, "data.recall.distance", recall.get("distance"))
+        positive_integer(problems, "data.recall.keys", recall.get("keys"))
+        positive_integer(problems, "data.recall.noise", recall.get("noise"))
+        length = recall.distance + 3 if isinstance(recall.get("distance"), int) else 0  # with the line end
+        if data.mode == "sentence" and length > data.seq_len:
+            problems.append(f"data.recall.distance={recall.distance} makes lines of {length} tokens, longer than "
+                            f"data.seq_len={data.seq_len}: set data.seq_len={length} or more")
+    elif not data.path and data.corpus not in CORPORA:
         problems.append(f"data.corpus={data.corpus} is unknown: use one of {'|'.join(CORPORA)} or data.path=FILE")
     split = list(data.split)
     if len(split) != 3 or any(f < 0 for f in split) or sum(split) > 1 + 1e-9:
@@ -125,6 +142,15 @@ def count_parameters(model: DictConfig, vocab_size: int) -> int:
     else:
         decoder = (0 if model.tie_weights else features * vocab_size) + vocab_size
     return embedding + directions * stack + decoder
+
+
+def equal_budget(cell: str, input_size: int, lstm_units: int) -> int:
+    """The hidden size that gives a one-layer ``cell`` about the recurrent parameters of an LSTM of ``lstm_units``
+    reading ``input_size`` inputs (``${rnnlm.equal_budget:cell,input,units}`` in the configs), so that cells are
+    compared at the same budget: G * H * (I + H + 2) weights and biases for G gate blocks."""
+    budget = GATES["lstm"] * lstm_units * (input_size + lstm_units + 2)
+    b = input_size + 2  # solve H^2 + b H = budget / G
+    return max(1, round((-b + math.sqrt(b * b + 4 * budget / GATES[cell])) / 2))
 
 
 def _memory(cfg: DictConfig) -> tuple[int, str]:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from rnnlm.corpora import SPLITS, CorpusSource, DataError, named_source, path_source
 from rnnlm.loss import IGNORE_INDEX
 from rnnlm.prepare import PreparedCorpus, prepare
+from rnnlm.recall import write_recall_corpus
 from rnnlm.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -67,17 +68,17 @@ class StreamChunks(IterableDataset):
 
 class Sentences(Dataset):
     """One example per line: inputs ``<bos> t1 .. tn``, targets ``t1 .. tn <eos>`` (at most ``max_len``;
-    None keeps whole lines, as evaluation must to score every token).
+    None keeps whole lines, as evaluation must to score every token). ``last_only``: only ``tn`` is scored.
 
     Lines are found in the stream by their line-end id; empty lines are skipped.
     """
 
-    def __init__(self, ids: np.ndarray, line_end_id: int, bos_id: int, max_len: int | None):
+    def __init__(self, ids: np.ndarray, line_end_id: int, bos_id: int, max_len: int | None, last_only: bool = False):
         ends = np.flatnonzero(np.asarray(ids) == line_end_id)
         starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
         keep = ends > starts  # a line holding only its line end is empty
         self.starts, self.ends = starts[keep], ends[keep]
-        self.ids, self.bos_id, self.max_len = ids, bos_id, max_len
+        self.ids, self.bos_id, self.max_len, self.last_only = ids, bos_id, max_len, last_only
         self.truncated = 0 if max_len is None else int(((self.ends + 1 - self.starts) > max_len).sum())
 
     def __len__(self) -> int:
@@ -86,6 +87,10 @@ class Sentences(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         line = torch.from_numpy(self.ids[self.starts[i] : self.ends[i] + 1][: self.max_len].astype(np.int64))
         inputs = torch.cat([torch.tensor([self.bos_id]), line[:-1]])
+        if self.last_only:  # only the line's last word (before its end) is scored: the answer of data=recall
+            targets = torch.full_like(line, IGNORE_INDEX)
+            targets[-2] = line[-2]
+            return inputs, targets
         return inputs, line
 
 
@@ -137,7 +142,7 @@ def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers:
 
 
 def split_dataset(ids: np.ndarray, vocab: Vocab, mode: str, seq_len: int, batch_size: int, *, train: bool = False,
-                  rank: int = 0, world_size: int = 1, name: str = "evaluation") -> Dataset:
+                  rank: int = 0, world_size: int = 1, name: str = "evaluation", scored: str = "all") -> Dataset:
     """The dataset of one split, as training reads it: :class:`TextDataModule` and ``eval.py`` both build theirs here.
 
     Args:
@@ -152,6 +157,7 @@ def split_dataset(ids: np.ndarray, vocab: Vocab, mode: str, seq_len: int, batch_
         rank / world_size: this process and how many share the split (stream columns are split between them;
             sentences are dealt out by the loader's :class:`EvenShards`).
         name: the split, for messages.
+        scored: ``all`` targets, or only the ``last`` word of each line (sentence mode).
 
     Raises:
         DataError: too few tokens for the columns, no non-empty line, or fewer lines than processes.
@@ -163,7 +169,7 @@ def split_dataset(ids: np.ndarray, vocab: Vocab, mode: str, seq_len: int, batch_
     if vocab.bos_id is None:  # prepare() gives every sentence-mode vocabulary one
         raise DataError("sentence mode starts each line with <bos>, which this vocabulary lacks "
                         "(a stream-mode vocabulary): read this data in stream mode")
-    dataset = Sentences(ids, vocab.line_end_id, vocab.bos_id, seq_len if train else None)
+    dataset = Sentences(ids, vocab.line_end_id, vocab.bos_id, seq_len if train else None, last_only=scored == "last")
     if len(dataset) == 0:
         raise DataError(f"the {name} split has no non-empty line: sentence mode needs lines of text")
     if not train and len(dataset) < world_size:
@@ -204,6 +210,8 @@ class TextDataModule(L.LightningDataModule):
             (:func:`training_text_everywhere`).
         data_dir: where named corpora live (downloaded when missing).
         cache_dir: where token ids are cached; may differ from a read-only ``data_dir``.
+        scored: the targets in the loss and metrics: ``all``, or the ``last`` word of each line (sentence mode).
+        recall: the settings of the synthetic recall task (:mod:`rnnlm.recall`), which then is the corpus.
     """
 
     def __init__(
@@ -223,6 +231,8 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str = ".cache",
         download: bool = True,
         num_workers: int = 0,
+        scored: str = "all",
+        recall: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -231,7 +241,10 @@ class TextDataModule(L.LightningDataModule):
 
     def source(self) -> CorpusSource:
         hp = self.hparams
-        if hp.path:
+        if hp.recall:
+            settings = {**hp.recall, "examples": tuple(hp.recall.get("examples", (4000, 500, 500)))}
+            src = path_source(write_recall_corpus(Path(hp.cache_dir), **settings))
+        elif hp.path:
             src = path_source(Path(hp.path).expanduser())
         else:
             src = named_source(hp.corpus, Path(hp.data_dir).expanduser(), allow_download=hp.download)
@@ -270,7 +283,8 @@ class TextDataModule(L.LightningDataModule):
         for split in ("train", "valid", "test"):
             rows = hp.batch_size if split == "train" else hp.eval_batch_size
             self.datasets[split] = split_dataset(prepared.splits[split], prepared.vocab, hp.mode, hp.seq_len, rows,
-                                                 train=split == "train", rank=rank, world_size=world, name=split)
+                                                 train=split == "train", rank=rank, world_size=world, name=split,
+                                                 scored=hp.scored)
 
     def state_dict(self) -> dict:
         """Where the training stream stands: the chunks of this epoch already trained on."""

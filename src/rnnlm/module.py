@@ -18,7 +18,7 @@ from rnnlm.checkpoint import (
     write_resume_section,
 )
 from rnnlm.cuda_graph import GraphedStep
-from rnnlm.loss import loss_in_units
+from rnnlm.loss import IGNORE_INDEX, loss_in_units
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.vocab import Vocab
 
@@ -46,11 +46,14 @@ class RecurrentLM(L.LightningModule):
             ``gradient_clip_algorithm`` (Lightning clips only steps it runs itself).
         optimizer: ``params -> Optimizer`` (a Hydra partial).
         scheduler: ``optimizer -> LRScheduler`` (a Hydra partial), stepped per epoch on ``val/loss``.
+        answer_accuracy: also log ``val/answer_acc`` and ``test/answer_acc``, the share of scored targets the
+            model ranks first (with ``data.scored=last``: the answers of ``data=recall``).
         network: the fields of :class:`~rnnlm.network.NetworkConfig` but ``vocab_size`` (``model.*``).
     """
 
     def __init__(self, vocab: Vocab, carry_state: bool = True, compile: bool = False, cuda_graph: bool = False,
-                 optimizer: Callable | None = None, scheduler: Callable | None = None, **network):
+                 optimizer: Callable | None = None, scheduler: Callable | None = None, answer_accuracy: bool = False,
+                 **network):
         super().__init__()
         self.vocab = vocab
         self.net = LanguageModel(NetworkConfig(vocab_size=len(vocab), **network))
@@ -62,7 +65,8 @@ class RecurrentLM(L.LightningModule):
         self.scheduler_factory = scheduler
         self.carry_state = carry_state
         self._state: dict[str, State | None] = {"train": None, "val": None, "test": None}
-        self._eval_sums = torch.zeros(2, dtype=torch.float64)  # summed loss (nats), scored tokens
+        self.answer_accuracy = answer_accuracy
+        self._eval_sums = torch.zeros(3, dtype=torch.float64)  # summed loss (nats), scored tokens, ranked first
         self.best_val_loss = math.inf  # saved with the resume state, so a resumed run remembers it
         self._first_bad_step = torch.tensor(-1)  # the first training step whose loss was not finite
         self._device_step: Tensor | None = None  # the current training step, on the loss's device
@@ -76,26 +80,30 @@ class RecurrentLM(L.LightningModule):
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         return self.net(tokens, state)
 
-    def _forward_loss(self, inputs: Tensor, targets: Tensor,
-                      state: State | None) -> tuple[Tensor, Tensor, State | None]:
-        """Summed loss, scored tokens and the final state of one chunk; targets[:, t] follows inputs[:, t]."""
+    def _forward_loss(self, inputs: Tensor, targets: Tensor, state: State | None,
+                      correct: list | None = None) -> tuple[Tensor, Tensor, State | None]:
+        """Summed loss, scored tokens and the final state of one chunk; targets[:, t] follows inputs[:, t].
+        ``correct``: a list to append how many scored targets the model ranked first."""
         if self.net.bidirectional:  # each target predicted from both sides of it
             # Row b of the window is inputs[b, 0] then the targets: T+1 tokens, so the targets' right
             # neighbours are in view. Window position 0 was the previous chunk's last target (or a row's
             # first token, never a target): scoring only positions 1..T counts every token once.
             window = torch.cat([inputs[:, :1], targets], 1)  # (B, T+1)
-            features, _ = self.net.features(window)
-            return *self.net.summed_loss(features[:, 1:], targets), None
-        features, state = self.net.features(inputs, state)  # (B, T, D)
+            features, state = self.net.features(window)[0][:, 1:], None
+        else:
+            features, state = self.net.features(inputs, state)  # (B, T, D)
+        if correct is not None:
+            scored = targets != IGNORE_INDEX
+            correct.append((self.net.logits(features[scored]).argmax(-1) == targets[scored]).sum())
         return *self.net.summed_loss(features, targets), state
 
     def _carried(self, stage: str, rows: int) -> State | None:
         state = self._state[stage] if self.carry_state else None
         return None if state is None or _batch_rows(state) != rows else state
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str, correct: list | None = None) -> tuple[Tensor, Tensor]:
         inputs, targets = batch  # (B, T) each
-        total, count, state = self._forward_loss(inputs, targets, self._carried(stage, inputs.size(0)))
+        total, count, state = self._forward_loss(inputs, targets, self._carried(stage, inputs.size(0)), correct)
         if self.carry_state:
             self._state[stage] = detach_state(state)
         return total, count
@@ -185,15 +193,17 @@ class RecurrentLM(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     def _eval_start(self, stage: str) -> None:
         self._state[stage] = None
-        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        total, count = self._step(batch, stage)
-        self._eval_sums += torch.stack([total.double(), count.double()])
+        correct = [] if self.answer_accuracy else None
+        total, count = self._step(batch, stage, correct)
+        right = correct[0].double() if correct else total.new_zeros((), dtype=torch.float64)
+        self._eval_sums += torch.stack([total.double(), count.double(), right])
 
     def _eval_end(self, stage: str) -> float:
         """Token-weighted mean loss over the whole split, summed across processes."""
-        total, count = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+        total, count, right = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
         loss = total / max(count, 1.0)
         # Every process now holds the same value; sync_dist only averages equal numbers (and keeps
         # Lightning from warning about unsynchronised epoch metrics).
@@ -201,6 +211,8 @@ class RecurrentLM(L.LightningModule):
         self.log(f"{stage}/tokens", count, sync_dist=True)
         unit, value = loss_in_units(loss, self.vocab.level)
         self.log(f"{stage}/{unit}", value, sync_dist=True)
+        if self.answer_accuracy:
+            self.log(f"{stage}/answer_acc", right / max(count, 1.0), sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

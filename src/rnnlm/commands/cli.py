@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from rnnlm.checkpoint import written_by_torch
+from rnnlm.checks import equal_budget
 from rnnlm.errors import ConfigError, UserError
 
 # The stream loader is an IterableDataset with a length, read without worker processes, so the
@@ -45,6 +46,7 @@ for _handler in logging.getLogger("lightning.pytorch").handlers:
     _handler.addFilter(_NoAdverts())
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # shipped inside the package, so any install has it
+OmegaConf.register_new_resolver("rnnlm.equal_budget", equal_budget, replace=True)  # experiment=long_range
 LISTED_SWEEPS = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
 T = TypeVar("T")
 

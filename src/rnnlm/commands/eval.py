@@ -52,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     mode, batch_size, seq_len = evaluation_layout(trained, loaded.info["world_size"], cfg.data.batch_size,
                                                   cfg.data.seq_len)
-    dataset = split_dataset(ids, vocab, mode, seq_len, batch_size, name=split or "evaluation")
+    dataset = split_dataset(ids, vocab, mode, seq_len, batch_size, name=split or "evaluation", scored=trained["scored"])
     trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
     metrics = trainer.test(loaded.module, dataloaders=make_loader(dataset, batch_size), verbose=False)[0]
@@ -69,6 +69,8 @@ def evaluate(cfg: DictConfig) -> dict:
     }
     unit, value = loss_in_units(loss, vocab.level)
     result[unit] = value
+    if "test/answer_acc" in metrics:  # data.scored=last: the share of answers ranked first
+        result["answer_acc"] = metrics["test/answer_acc"]
     return result
 
 

@@ -82,6 +82,9 @@ def job_row(job: Path, swept: list[str]) -> dict:
     test = metrics.get("test/loss")
     row["test/loss"] = test
     row[f"test/{unit}"] = None if test is None else loss_in_units(test, level)[1]
+    if "val/answer_acc" in logged:  # data.scored=last (data=recall): the share of answers recalled
+        row["best val/answer_acc"] = max(v for _, v in logged["val/answer_acc"])
+        row["test/answer_acc"] = metrics.get("test/answer_acc")
     row["tokens/s"] = summary.get("tokens_per_s")
     row["wall s"] = summary.get("wall_s")
     row["error"] = summary.get("error", "")
@@ -132,6 +135,9 @@ def write_report(sweep: Path) -> list[Path]:
     written = [csv_path, md_path, png_path]
     if any((job / GRADIENT_FLOW_FILE).is_file() for job in jobs):
         written.append(_plot_gradient_flow(jobs, swept, sweep / "gradient_flow.png"))
+    distance = next((k for k in swept if k.endswith("distance")), None)
+    if distance and any(row.get("best val/answer_acc") is not None for row in rows):
+        written.append(_plot_answer_accuracy(rows, distance, swept, sweep / "answer_accuracy.png"))
     return written
 
 
@@ -183,6 +189,36 @@ def _plot_gradient_flow(jobs: list[Path], swept: list[str], path: Path) -> Path:
                       label=f"{label} (step {last})")
     axes.set_xlabel("k: steps back from the prediction")
     axes.set_ylabel("‖∂L/∂h(T−k)‖ / ‖∂L/∂h(T)‖")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _plot_answer_accuracy(rows: list[dict], distance: str, swept: list[str], path: Path) -> Path:
+    """The best validation answer accuracy against the swept distance, one line per value of the other swept
+    settings (e.g. per model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [k for k in swept if k != distance]
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row.get("best val/answer_acc") is not None:
+            label = ", ".join(f"{k}={row[k]}" for k in others) or "runs"
+            lines.setdefault(label, []).append((float(row[distance]), row["best val/answer_acc"]))
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for label, points in lines.items():
+        points.sort()
+        axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    axes.set_xscale("log")
+    axes.set_xlabel(distance)
+    axes.set_ylabel("best validation answer accuracy")
+    axes.set_ylim(0, 1.02)
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)
     figure.tight_layout()

@@ -132,6 +132,7 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(
         vocab=vocab,
         carry_state=datamodule.carries_state and cfg.task == "lm",
+        answer_accuracy=cfg.data.get("scored") == "last",
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,  # `scheduler=null` drops it
     )

@@ -1,0 +1,58 @@
+"""A synthetic long-range memory task (``data=recall``): recall a key read ``distance`` tokens earlier.
+
+Each line is ``K n n ... n ? K``: a key ``K`` (one of ``keys``), ``distance - 1`` noise words (one of
+``noise``, drawn at random), the query mark ``?``, then the key again. With ``data.scored=last`` only that
+last word is scored, so the loss and ``answer_acc`` say whether the model still holds the key after
+``distance`` steps; chance is ``1 / keys``. The chapter's example is a traveller who says at the start that
+they came to Moscow, and many words later "here is ___" must be filled with "Moscow".
+
+The three splits are drawn from ``seed`` (train, valid and test from separate streams) and written once,
+as text, into a folder named after the settings; the rest of the pipeline reads it as any word corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+QUERY = "?"
+SPLIT_SEEDS = {"train": 0, "valid": 1, "test": 2}
+
+
+def recall_lines(distance: int, keys: int, noise: int, examples: int, seed: int) -> list[str]:
+    """``examples`` lines of the task, reproducible from ``seed``."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(examples):
+        key = f"k{rng.randrange(keys)}"
+        filler = [f"n{rng.randrange(noise)}" for _ in range(distance - 1)]
+        lines.append(" ".join([key, *filler, QUERY, key]))
+    return lines
+
+
+def write_recall_corpus(cache_dir: Path, distance: int, keys: int = 16, noise: int = 32,
+                        examples: tuple[int, int, int] = (4000, 500, 500), seed: int = 0) -> Path:
+    """The folder holding train.txt, valid.txt and test.txt of the task with these settings (written on first
+    use, atomically; the same settings always give the same text)."""
+    settings = {"distance": distance, "keys": keys, "noise": noise, "examples": list(examples), "seed": seed}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir).expanduser() / "recall" / f"d{distance}-k{keys}-n{noise}-{digest}"
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    for (split, offset), count in zip(SPLIT_SEEDS.items(), examples, strict=True):
+        lines = recall_lines(distance, keys, noise, count, seed * 3 + offset)
+        (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process wrote it first: the same text
+        for path in tmp.iterdir():
+            path.unlink()
+        tmp.rmdir()
+    return folder
