@@ -66,6 +66,7 @@ class RecurrentLM(L.LightningModule):
         self.carry_state = carry_state
         self._state: dict[str, State | None] = {"train": None, "val": None, "test": None}
         self.answer_accuracy = answer_accuracy
+        self._correct: Tensor | None = None  # the last evaluation step's answers ranked first
         self._eval_sums = torch.zeros(3, dtype=torch.float64)  # summed loss (nats), scored tokens, ranked first
         self.best_val_loss = math.inf  # saved with the resume state, so a resumed run remembers it
         self._first_bad_step = torch.tensor(-1)  # the first training step whose loss was not finite
@@ -101,9 +102,11 @@ class RecurrentLM(L.LightningModule):
         state = self._state[stage] if self.carry_state else None
         return None if state is None or _batch_rows(state) != rows else state
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str, correct: list | None = None) -> tuple[Tensor, Tensor]:
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         inputs, targets = batch  # (B, T) each
+        correct = [] if self.answer_accuracy and stage != "train" else None
         total, count, state = self._forward_loss(inputs, targets, self._carried(stage, inputs.size(0)), correct)
+        self._correct = correct[0] if correct else None
         if self.carry_state:
             self._state[stage] = detach_state(state)
         return total, count
@@ -196,9 +199,8 @@ class RecurrentLM(L.LightningModule):
         self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        correct = [] if self.answer_accuracy else None
-        total, count = self._step(batch, stage, correct)
-        right = correct[0].double() if correct else total.new_zeros((), dtype=torch.float64)
+        total, count = self._step(batch, stage)
+        right = self._correct.double() if self._correct is not None else total.new_zeros((), dtype=torch.float64)
         self._eval_sums += torch.stack([total.double(), count.double(), right])
 
     def _eval_end(self, stage: str) -> float:
