@@ -141,13 +141,27 @@ def write_report(sweep: Path) -> list[Path]:
     return written
 
 
-def _plot(jobs: list[Path], swept: list[str], path: Path) -> None:
+def _new_figure():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    return plt.subplots(figsize=(7, 4.5), dpi=110)
+
+
+def _save(figure, axes, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    if axes.lines:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _plot(jobs: list[Path], swept: list[str], path: Path) -> None:
+    figure, axes = _new_figure()
     for job in jobs:
         logged = curves(job)
         points = logged.get("val/loss", [])
@@ -161,21 +175,12 @@ def _plot(jobs: list[Path], swept: list[str], path: Path) -> None:
     axes.set_xlabel("tokens seen" if any("train/tokens_seen" in curves(j) for j in jobs) else "step")
     axes.set_ylabel("validation loss (nats per token)")
     axes.grid(alpha=0.3)
-    if axes.lines:
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, axes, path)
 
 
 def _plot_gradient_flow(jobs: list[Path], swept: list[str], path: Path) -> Path:
     """Each job's last measured ‖∂L/∂h_{T-k}‖ against k, relative to k = 0, on one log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    figure, axes = _new_figure()
     for job in jobs:
         if not (job / GRADIENT_FLOW_FILE).is_file():
             continue
@@ -190,28 +195,20 @@ def _plot_gradient_flow(jobs: list[Path], swept: list[str], path: Path) -> Path:
     axes.set_xlabel("k: steps back from the prediction")
     axes.set_ylabel("‖∂L/∂h(T−k)‖ / ‖∂L/∂h(T)‖")
     axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, axes, path)
     return path
 
 
 def _plot_answer_accuracy(rows: list[dict], distance: str, swept: list[str], path: Path) -> Path:
     """The best validation answer accuracy against the swept distance, one line per value of the other swept
     settings (e.g. per model)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     others = [k for k in swept if k != distance]
     lines: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         if row.get("best val/answer_acc") is not None:
             label = ", ".join(f"{k}={row[k]}" for k in others) or "runs"
             lines.setdefault(label, []).append((float(row[distance]), row["best val/answer_acc"]))
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    figure, axes = _new_figure()
     for label, points in lines.items():
         points.sort()
         axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
@@ -220,10 +217,7 @@ def _plot_answer_accuracy(rows: list[dict], distance: str, swept: list[str], pat
     axes.set_ylabel("best validation answer accuracy")
     axes.set_ylim(0, 1.02)
     axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, axes, path)
     return path
 
 
