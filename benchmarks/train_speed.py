@@ -48,7 +48,7 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from rnnlm.checks import ConfigError
+from rnnlm.checks import GATES, ConfigError
 from rnnlm.commands.cli import CONF_DIR, describe_hydra_error
 from rnnlm.commands.train import train
 from rnnlm.corpora import named_source
@@ -138,7 +138,6 @@ PRESETS = {
 CORPUS_FILES = {"ptb": [f"ptb/ptb.{s}.txt" for s in ("train", "valid", "test")],
                 "wikitext2": [f"wikitext-2/{s}.txt" for s in ("train", "valid", "test")],
                 "tinyshakespeare": ["tinyshakespeare/input.txt"]}
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # weight blocks per layer
 
 
 def multiply_adds_per_token(cfg: DictConfig) -> float:

@@ -242,7 +242,9 @@ class TextDataModule(L.LightningDataModule):
     def source(self) -> CorpusSource:
         hp = self.hparams
         if hp.recall:
-            settings = {**hp.recall, "examples": tuple(hp.recall.get("examples", (4000, 500, 500)))}
+            settings = dict(hp.recall)
+            if "examples" in settings:  # a list from the config
+                settings["examples"] = tuple(settings["examples"])
             src = path_source(write_recall_corpus(Path(hp.cache_dir), **settings))
         elif hp.path:
             src = path_source(Path(hp.path).expanduser())
