@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU user: the environment, training speed against the plain loop raw_lm.py (with
 # and without a CUDA graph), fp32 against bf16-mixed, eval and greedy generation CPU = GPU, generation
-# speed and the GPU tests, in one log. About 5 minutes on one NVIDIA H100.
+# speed, the GPU tests (AWD-LSTM's weight drop and the minGRU scan among them) and the parallel scan's
+# training speed against cuDNN's GRU and LSTM, in one log. About 5 minutes on one NVIDIA H100.
 #
 #   benchmarks/gpu_check.sh                        # on a machine with an NVIDIA GPU
 #   benchmarks/gpu_check.sh --cpu-dry-run          # every section on the CPU, tiny sizes (tests the plumbing)
@@ -67,6 +68,7 @@ if [[ $DEVICE == cuda ]]; then
   SMALL_MODEL=(model.hidden_size=256 model.embedding_dim=64 trainer.max_steps=100)
   GREEDY_TOKENS=300
   GENERATE_SPEED_FLAGS=(--tokens 500 --rounds 3 --no-naive)  # the naive recipe takes ~4 s a text on a GPU
+  SCAN_SPEED_FLAGS=(--batch 64 --seq 512 2048 8192 --tokens 262144)
 else
   ACCELERATOR=cpu
   SPEED_ROUNDS=1
@@ -80,6 +82,7 @@ else
   SMALL_MODEL=(model.hidden_size=64 model.embedding_dim=32 trainer.max_steps=20)
   GREEDY_TOKENS=100
   GENERATE_SPEED_FLAGS=(--tokens 100 --rounds 1 --no-naive --hidden-size 128)
+  SCAN_SPEED_FLAGS=(--quick)
 fi
 
 mkdir -p outputs/gpu_check || exit 2
@@ -288,6 +291,10 @@ generate_speed() {
     "${GENERATE_SPEED_FLAGS[@]}"
 }
 
+scan_speed() {
+  run scan_speed "$PYTHON" benchmarks/scan_speed.py --device "$DEVICE" "${SCAN_SPEED_FLAGS[@]}"
+}
+
 gpu_tests() {
   if [[ ! -f tests/test_gpu.py ]]; then
     echo "tests/test_gpu.py is absent: no GPU tests to run"
@@ -308,6 +315,7 @@ main() {
   section "5. Greedy generation: the same tokens on the CPU and on $DEVICE" greedy_cpu_gpu
   section "6. Generation speed on $DEVICE, 1 and 16 samples" generate_speed
   section "7. GPU tests: pytest -m gpu tests/test_gpu.py tests/test_cuda_graph.py" gpu_tests
+  section "8. Training speed of minGRU/minLSTM's parallel scan against GRU/LSTM on $DEVICE" scan_speed
   echo
   if ((${#FAILED[@]})); then
     echo "FAILED: ${#FAILED[@]} section(s): $(printf '%s; ' "${FAILED[@]}")"

@@ -53,6 +53,7 @@ from rnnlm.commands.cli import CONF_DIR, describe_hydra_error
 from rnnlm.commands.train import train
 from rnnlm.corpora import named_source
 from rnnlm.errors import UserError
+from rnnlm.minrnn import MIN_CELLS
 from rnnlm.network import adaptive_cutoffs
 
 LAST_LOSSES = 50  # the final training loss is the mean of this many last steps (as raw_lm.py reports it)
@@ -153,7 +154,8 @@ def multiply_adds_per_token(cfg: DictConfig) -> float:
     vocab = len(data.vocab)
     directions = 2 if model.bidirectional else 1
     inputs = [model.embedding_dim or vocab] + [model.hidden_size] * (model.num_layers - 1)  # one-hot: a dense product
-    recurrent = directions * sum(GATES[model.cell] * model.hidden_size * (i + model.hidden_size) for i in inputs)
+    recurrent_width = 0 if model.cell in MIN_CELLS else model.hidden_size  # min cells have no hidden-to-hidden product
+    recurrent = directions * sum(GATES[model.cell] * model.hidden_size * (i + recurrent_width) for i in inputs)
     features = model.hidden_size * directions
     if model.softmax != "adaptive":
         return 3.0 * (recurrent + features * vocab)

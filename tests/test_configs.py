@@ -21,7 +21,7 @@ def choices(group: str) -> list[str]:
 
 
 def test_every_group_has_its_files():
-    assert choices("model") == ["gru", "lstm", "rnn"]
+    assert choices("model") == ["gru", "lstm", "mingru", "minlstm", "rnn"]
     assert choices("data") == ["char", "recall", "word"]
     assert choices("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert {"shakespeare_char", "ptb_word"} <= set(choices("experiment"))
@@ -56,6 +56,8 @@ def test_every_experiment_runs_a_few_steps(make_cfg, experiment, tiny_corpus):
     # the recall task makes its own text: short lines, few of them
     data = (["data.recall.distance=5", "data.recall.examples=[40,10,10]"] if experiment == "long_range"
             else [f"data.path={tiny_corpus}"])
+    if experiment == "ptb_awd_lstm":  # its tied decoder reads the top layer through a projection to the embedding
+        data.append("model.projection_size=16")
     cfg = make_cfg(f"experiment={experiment}", *data, "trainer.max_steps=2",
                    "test=false", "model.num_layers=1", "model.hidden_size=16", "model.embedding_dim=16")
     metrics = train(cfg)
@@ -82,7 +84,8 @@ def test_trainer_options_in_the_yaml_keep_lightning_defaults(make_cfg):
 def test_the_model_settings_are_the_network_configs_fields(make_cfg):
     model = make_cfg().model
     fields = {f.name for f in dataclasses.fields(NetworkConfig)} - {"vocab_size"}
-    assert set(model) - {"_target_", "compile", "cuda_graph"} == fields  # one YAML line per field, no more
+    how_it_trains = {"_target_", "compile", "cuda_graph", "activation_reg", "temporal_activation_reg"}
+    assert set(model) - how_it_trains == fields  # one YAML line per field, no more
     built = NetworkConfig.from_settings(model, vocab_size=57)
     assert built == NetworkConfig(vocab_size=57, **{name: model[name] for name in fields})
 

@@ -90,5 +90,6 @@ def test_the_vanishing_experiment_sweeps_three_cells_and_the_report_draws_them(t
     assert done.returncode == 0, done.stderr[-3000:]
     [sweep] = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     written = write_report(sweep)
-    assert [p.name for p in written] == ["summary.csv", "summary.md", "curves.png", "gradient_flow.png"]
+    assert [p.name for p in written] == ["summary.csv", "summary.md", "curves.png", "curves_time.png",
+                                           "gradient_flow.png"]
     assert "| rnn |" in (sweep / "summary.md").read_text() and "| gru |" in (sweep / "summary.md").read_text()

@@ -15,6 +15,7 @@ from rnnlm.checks import ConfigError, check_model_memory, check_train_config, co
 from rnnlm.commands.cli import CONF_DIR, check_command_line, check_output, pick_device
 from rnnlm.commands.generate import read_prompt
 from rnnlm.commands.train import train
+from rnnlm.minrnn import MIN_CELLS
 from rnnlm.network import LanguageModel, NetworkConfig
 
 
@@ -47,7 +48,7 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
         ("train", ["model.hidden_sise=10"],
          "model.hidden_sise is not a setting: check the name in rnnlm/conf/ "
          "(add a new key with +model.hidden_sise=...)"),
-        ("train", ["model=foo"], "model=foo is not a choice: use one of gru, lstm, rnn"),
+        ("train", ["model=foo"], "model=foo is not a choice: use one of gru, lstm, mingru, minlstm, rnn"),
         ("train", ["trainer=tpu"], "trainer=tpu is not a choice: use one of cpu, ddp, default, gpu"),
         ("train", ["model=rnn,lstm"], "model=rnn,lstm is a sweep: add -m"),
         ("train", ["-m", "model=rnn,foo"], "model=foo is not a choice"),  # every value of a sweep is checked
@@ -118,12 +119,14 @@ def test_a_gpu_trainer_without_a_gpu_is_refused(make_cfg, monkeypatch):
     [["model=rnn"], ["model=lstm", "model.num_layers=3"], ["model=gru", "model.embedding_dim=null"],
      ["model.embedding_dim=32", "model.tie_weights=true"], ["task=bilm", "model.bidirectional=true"],
      ["model=gru", "model.impl=scratch", "model.reset_after=false"],
-     ["model.softmax=adaptive", "model.adaptive_cutoffs=[10,30]", "model.adaptive_div_value=2"]],
+     ["model.softmax=adaptive", "model.adaptive_cutoffs=[10,30]", "model.adaptive_div_value=2"],
+     ["model=mingru"], ["model=minlstm", "model.impl=scratch", "model.num_layers=2"],
+     ["model.hidden_size=48", "model.embedding_dim=16", "model.projection_size=16", "model.tie_weights=true"]],
 )
 def test_parameter_count_matches_the_built_model(make_cfg, overrides):
     model = make_cfg(*overrides).model
     built = LanguageModel(NetworkConfig.from_settings(model, vocab_size=57)).num_parameters()
-    if model.impl == "fused":
+    if model.impl == "fused" or model.cell in MIN_CELLS:  # the min cells keep one layout in both
         assert count_parameters(model, 57) == built
     else:  # one bias per gate instead of torch.nn's two
         assert built < count_parameters(model, 57) < 1.02 * built

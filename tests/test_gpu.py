@@ -176,3 +176,40 @@ def test_every_command_runs_on_the_gpu_from_the_command_line(gpu_ckpt, shared_da
                   f"hydra.run.dir={tmp_path / 'eval'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(output.read_text())["tokens"] > 0
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_weight_drop_on_the_gpu_keeps_the_fused_kernel_quiet_and_equal(cell):
+    """The dropped weights reach cuDNN as one block in its layout: no warning about weights that are not one
+    contiguous chunk (which AWD-LSTM's own code produces), and the same numbers as the scratch cells."""
+    import warnings
+
+    from rnnlm.backbone import RecurrentBackbone
+
+    torch.manual_seed(0)
+    fused = RecurrentBackbone(cell, 16, 32, 3, dropout=0.3, weight_drop=0.5, locked_dropout=True).to(DEVICE)
+    scratch = RecurrentBackbone(cell, 16, 32, 3, dropout=0.3, weight_drop=0.5, locked_dropout=True,
+                                impl="scratch").to(DEVICE)
+    scratch.load_fused_state_dict(fused.fused_state_dict())
+    x = torch.randn(8, 20, 16, device=DEVICE)
+    outputs = []
+    for backbone in (fused, scratch):
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, _ = backbone(x)
+            out.sum().backward()
+        outputs.append(out)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_the_parallel_scan_on_the_gpu_equals_the_step_by_step_form(cell):
+    from rnnlm.backbone import RecurrentBackbone
+
+    torch.manual_seed(0)
+    scan = RecurrentBackbone(cell, 16, 32, 2).to(DEVICE)
+    loop = RecurrentBackbone(cell, 16, 32, 2, impl="scratch").to(DEVICE)
+    loop.load_state_dict(scan.state_dict())
+    x = torch.randn(4, 512, 16, device=DEVICE)
+    torch.testing.assert_close(scan(x)[0], loop(x)[0], rtol=1e-4, atol=1e-5)

@@ -45,7 +45,8 @@ def overfit_runs(tmp_path_factory, shared_data, cache_dir) -> dict[str, Path]:
 
 def test_incremental_decoding_gives_the_full_sequence_logits():
     torch.manual_seed(0)
-    configs = [NetworkConfig(30, cell, embedding_dim, 24, 3, 0.3, "relu" if cell == "rnn" else "tanh")
+    configs = [NetworkConfig(30, cell, embedding_dim, 24, 3, 0.3,
+                             nonlinearity="relu" if cell == "rnn" else "tanh")
                for cell in ("rnn", "lstm", "gru") for embedding_dim in (16, None)]
     # the reset-before GRU has no torch.nn form: the stepper computes it from the textbook cells' weights
     configs.append(NetworkConfig(30, "gru", 16, 24, 2, 0.0, impl="scratch", reset_after=False))

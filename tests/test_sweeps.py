@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from helpers import REPO
-from rnnlm.commands.report import write_report
+from rnnlm.commands.report import curves, timed_curve, write_report
 
 SMALL = ["model.embedding_dim=8", "model.num_layers=1", "data.seq_len=8", "data.batch_size=4",
          "data.eval_batch_size=2", "trainer.max_steps=3", "test=false", "trainer.accelerator=cpu",
@@ -30,7 +30,7 @@ def test_parallel_sweep_records_a_failing_job_and_reports(tmp_path, tiny_corpus,
     folder, run = sweep(tmp_path, tiny_corpus, cache_dir, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                         "model=rnn,gru", "model.hidden_size=16,0")
     assert "Job failed: ConfigError: model.hidden_size=0 must be a positive integer" in run.stdout + run.stderr
-    summary_csv, summary_md, curves_png = write_report(folder)  # no diagnostics: no gradient_flow.png
+    summary_csv, summary_md, curves_png, time_png = write_report(folder)  # no diagnostics: no gradient_flow.png
     rows = list(csv.DictReader(summary_csv.open()))
     assert sorted((r["model"], r["model.hidden_size"], r["status"]) for r in rows) == [
         ("gru", "0", "failed"), ("gru", "16", "ok"), ("rnn", "0", "failed"), ("rnn", "16", "ok")]
@@ -38,7 +38,11 @@ def test_parallel_sweep_records_a_failing_job_and_reports(tmp_path, tiny_corpus,
     assert all(float(r["best val/loss"]) > 0 and int(r["params"]) > 0 for r in ok)
     assert all("must be a positive integer" in r["error"] for r in rows if r["status"] == "failed")
     assert "| rnn | ok |" in summary_md.read_text().replace("| 16 ", "").replace("| 0 ", "")
-    assert curves_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves_png.stat().st_size > 5000
+    for png in (curves_png, time_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    timed = timed_curve(folder / "0")  # the validation losses, at the seconds they were logged
+    assert [v for _, v in timed] == [v for _, v in curves(folder / "0")["val/loss"]]
+    assert all(0 <= a <= b for (a, _), (b, _) in zip(timed, timed[1:], strict=False))
 
 
 def test_optuna_search_runs_its_trials(tmp_path, tiny_corpus, cache_dir):

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnlm.cells import ScratchRecurrent, from_fused, to_fused
+from rnnlm.minrnn import MIN_CELLS, MinRecurrent
+from rnnlm.regularization import sequence_dropout
 
-CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+FUSED = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}  # torch.nn's kernels
+# torch.nn's functional kernels, with the weights as arguments (what FUSED's modules call with their own)
+_KERNELS = {"lstm": torch.lstm, "gru": torch.gru, ("rnn", "tanh"): torch.rnn_tanh, ("rnn", "relu"): torch.rnn_relu}
+CELLS = (*FUSED, *MIN_CELLS)
 NONLINEARITIES = ("tanh", "relu")
 IMPLS = ("fused", "scratch")
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)  # None: the two directions' outputs apart, as in Keras
@@ -32,13 +38,18 @@ class RecurrentBackbone(nn.Module):
     """Stacked (and optionally bidirectional) recurrent layers, batch first.
 
     Args:
-        cell: ``rnn`` (``h_t = act(W_x x_t + W_h h_{t-1} + b)``), ``lstm`` or ``gru``.
+        cell: ``rnn`` (``h_t = act(W_x x_t + W_h h_{t-1} + b)``), ``lstm``, ``gru``, or ``mingru`` / ``minlstm``
+            (:mod:`rnnlm.minrnn`, gates that read only the input).
         dropout: applied to the outputs of every layer but the last.
         nonlinearity: ``tanh`` or ``relu``; vanilla RNN only.
         bidirectional: a second stack reads the sequence backwards; each layer after the first reads
             both directions' outputs, concatenated (as torch.nn and cuDNN do).
-        impl: ``fused`` (torch.nn kernels) or ``scratch`` (:mod:`rnnlm.cells`); same weights, same outputs.
+        impl: ``fused`` (torch.nn kernels; for minGRU/minLSTM the parallel scan) or ``scratch``
+            (:mod:`rnnlm.cells`; for minGRU/minLSTM the step-by-step loop); same weights, same outputs.
         reset_after: GRU only; ``False`` (the original GRU) exists in the scratch cells alone.
+        weight_drop: in training, DropConnect on the hidden-to-hidden matrices: each forward call reads them
+            through a new dropout mask (AWD-LSTM), the same for every time step and row.
+        locked_dropout: the dropout between layers draws one mask per sequence instead of one per step.
 
     forward(x (B, T, I), state) -> outputs (B, T, D*H) of the top layer, forward direction first, and
     the final state of every layer and direction, (num_layers * D, B, H) [with the cell state for LSTM].
@@ -46,34 +57,77 @@ class RecurrentBackbone(nn.Module):
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
                  nonlinearity: str = "tanh", bidirectional: bool = False, impl: str = "fused",
-                 reset_after: bool = True):
+                 reset_after: bool = True, weight_drop: float = 0.0, locked_dropout: bool = False):
         super().__init__()
-        self.cell, self.impl, self.hidden_size = cell, impl, hidden_size
+        self.cell, self.impl, self.hidden_size, self.num_layers = cell, impl, hidden_size, num_layers
+        self.nonlinearity = nonlinearity
         self.directions = 2 if bidirectional else 1
-        dropout = dropout if num_layers > 1 else 0.0
-        if impl == "scratch":
+        self.dropout = dropout = dropout if num_layers > 1 else 0.0
+        self.weight_drop, self.locked_dropout = weight_drop, locked_dropout
+        if cell in MIN_CELLS:
+            if weight_drop:
+                raise ValueError(f"{cell} has no hidden-to-hidden matrices for weight_drop to drop")
+            self.rnn = MinRecurrent(cell, input_size, hidden_size, num_layers, dropout, bidirectional,
+                                    parallel=impl == "fused", locked=locked_dropout)
+        elif impl == "scratch":
             self.rnn = ScratchRecurrent(cell, input_size, hidden_size, num_layers, dropout, bidirectional,
-                                        nonlinearity, reset_after)
+                                        nonlinearity, reset_after, weight_drop, locked_dropout)
         elif cell == "gru" and not reset_after:
             raise ValueError("torch.nn.GRU computes the reset-after GRU: use impl=scratch for reset_after=False")
         else:
             extra = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
-            self.rnn = CELLS[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=dropout,
+            self.rnn = FUSED[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=dropout,
                                    bidirectional=bidirectional, **extra)
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        regularized = self.weight_drop or (self.locked_dropout and self.dropout)
+        if self.training and regularized and isinstance(self.rnn, nn.RNNBase):
+            return self._fused_layer_by_layer(x, state)
         return self.rnn(x, state)
+
+    def _fused_layer_by_layer(self, x: Tensor, state: State | None) -> tuple[Tensor, State]:
+        """What ``self.rnn(x, state)`` computes, with dropped hidden-to-hidden weights and locked dropout between
+        layers, one layer at a time through torch.nn's own kernel.
+
+        The module's parameters are left as they are (no swapped or re-registered weights, and so none of the
+        warnings of replacing an RNN's weights); the kernel gets each layer's weights as arguments, copied into one
+        buffer in torch.nn's order on a GPU, so that cuDNN finds them in the single block it expects.
+        """
+        rnn, lstm = self.rnn, self.cell == "lstm"
+        kernel = _KERNELS["lstm" if lstm else self.cell if self.cell == "gru" else ("rnn", self.nonlinearity)]
+        if state is None:
+            zeros = x.new_zeros(self.num_layers * self.directions, x.size(0), self.hidden_size)
+            state = (zeros, zeros) if lstm else zeros
+        finals = []
+        for layer in range(self.num_layers):
+            if layer > 0:
+                x = sequence_dropout(x, self.dropout, self.locked_dropout, True)
+            weights, rows = [], slice(layer * self.directions, (layer + 1) * self.directions)
+            for suffix in ["", "_reverse"][: self.directions]:
+                for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    w = getattr(rnn, f"{kind}_l{layer}{suffix}")
+                    weights.append(F.dropout(w, self.weight_drop) if kind == "weight_hh" else w)
+            if x.is_cuda:
+                flat = torch.cat([w.reshape(-1) for w in weights])
+                weights = [v.view_as(w) for v, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True)]
+            start = (state[0][rows], state[1][rows]) if lstm else state[rows]
+            x, *final = kernel(x, start, weights, True, 1, 0.0, True, self.directions == 2, True)
+            finals.append(final)
+        if lstm:
+            return x, (torch.cat([h for h, _ in finals]), torch.cat([c for _, c in finals]))
+        return x, torch.cat([h for h, in finals])
 
     def fused_state_dict(self, strict: bool = True) -> dict[str, Tensor]:
         """The weights in torch.nn's layout, whichever implementation holds them (``strict=False`` lets a
-        reset-before GRU through, for code that knows to compute that form)."""
-        if self.impl == "scratch":
+        reset-before GRU through, for code that knows to compute that form). minGRU and minLSTM keep one layout
+        in both implementations."""
+        if self.impl == "scratch" and self.cell not in MIN_CELLS:
             return to_fused(self.rnn, strict)
         return {k: v.detach() for k, v in self.rnn.state_dict().items()}
 
     def load_fused_state_dict(self, weights: dict[str, Tensor]) -> None:
         """Take weights in torch.nn's layout (e.g. from a backbone of the other implementation)."""
-        if self.impl == "scratch":
+        if self.impl == "scratch" and self.cell not in MIN_CELLS:
             from_fused(self.rnn, weights)
         else:
             self.rnn.load_state_dict(weights)

@@ -14,17 +14,20 @@ outputs for the same weights.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rnnlm.regularization import sequence_dropout
 
 GATES = {"rnn": ("",), "lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "g")}  # torch.nn's gate order
 
 
-def _matrix(rows: int, cols: int, hidden_size: int) -> nn.Parameter:
+def uniform_matrix(rows: int, cols: int, hidden_size: int) -> nn.Parameter:
     bound = hidden_size**-0.5  # torch.nn's initialisation: uniform(-1/sqrt(H), 1/sqrt(H))
     return nn.Parameter(torch.empty(rows, cols).uniform_(-bound, bound))
 
 
-def _vector(size: int, hidden_size: int) -> nn.Parameter:
+def uniform_vector(size: int, hidden_size: int) -> nn.Parameter:
     bound = hidden_size**-0.5
     return nn.Parameter(torch.empty(size).uniform_(-bound, bound))
 
@@ -38,9 +41,9 @@ class Cell(nn.Module):
         super().__init__()
         self.input_size, self.hidden_size = input_size, hidden_size
         for gate in GATES[self.kind]:
-            self.register_parameter(f"W_x{gate}", _matrix(hidden_size, input_size, hidden_size))
-            self.register_parameter(f"W_h{gate}", _matrix(hidden_size, hidden_size, hidden_size))
-            self.register_parameter(f"b_{gate}" if gate else "b", _vector(hidden_size, hidden_size))
+            self.register_parameter(f"W_x{gate}", uniform_matrix(hidden_size, input_size, hidden_size))
+            self.register_parameter(f"W_h{gate}", uniform_matrix(hidden_size, hidden_size, hidden_size))
+            self.register_parameter(f"b_{gate}" if gate else "b", uniform_vector(hidden_size, hidden_size))
 
     def stacked(self) -> tuple[Tensor, Tensor, Tensor]:
         """The per-gate matrices stacked in torch.nn's gate order: W_x (G*H, I), W_h (G*H, H), b (G*H,)."""
@@ -187,7 +190,7 @@ class GRUCell(Cell):
         super().__init__(input_size, hidden_size)
         self.reset_after = reset_after
         if reset_after:
-            self.b_hg = _vector(hidden_size, hidden_size)
+            self.b_hg = uniform_vector(hidden_size, hidden_size)
 
     def step(self, xw: Tensor, h: Tensor, w_h: Tensor, b_h: Tensor | None = None) -> Tensor:
         xr, xz, xg = xw.chunk(3, -1)
@@ -211,15 +214,16 @@ def make_cell(kind: str, input_size: int, hidden_size: int, nonlinearity: str = 
     return GRUCell(input_size, hidden_size, reset_after)
 
 
-def run_cell(cell: Cell, x: Tensor, state, reverse: bool = False) -> tuple[Tensor, object]:
-    """Run ``cell`` over x (B, T, I) from ``state`` -> outputs (B, T, H) and the final state."""
+def run_cell(cell: Cell, x: Tensor, state, reverse: bool = False, weight_drop: float = 0.0) -> tuple[Tensor, object]:
+    """Run ``cell`` over x (B, T, I) from ``state`` -> outputs (B, T, H) and the final state. ``weight_drop``:
+    the recurrent matrices are read through one dropout mask for the whole sequence (DropConnect)."""
+    w_h = F.dropout(cell.stacked()[1], weight_drop) if weight_drop else cell.stacked()[1]
     if isinstance(cell, LSTMCell):
         xw = cell.input_part(x.flip(1) if reverse else x).transpose(0, 1).contiguous()  # (T, B, 4H)
-        hs, c = LSTMLoop.apply(xw, state[0], state[1], cell.stacked()[1])
+        hs, c = LSTMLoop.apply(xw, state[0], state[1], w_h)
         outputs = hs.transpose(0, 1)
         return (outputs.flip(1) if reverse else outputs), (hs[-1], c)
     xws = cell.input_part(x).unbind(1)  # W_x x_t + b for every t, in one product
-    _, w_h, _ = cell.stacked()
     b_h = getattr(cell, "b_hg", None)
     steps = range(len(xws) - 1, -1, -1) if reverse else range(len(xws))
     outputs = [None] * len(xws)
@@ -234,15 +238,17 @@ class ScratchRecurrent(nn.Module):
 
     forward(x (B, T, I), state) -> outputs (B, T, D*H) of the top layer (directions concatenated)
     and the final state (num_layers*D, B, H) [and the cell state for LSTM], layer-major, forward
-    direction first, as torch.nn returns it. Dropout applies between layers in training.
+    direction first, as torch.nn returns it. Dropout applies between layers in training (one mask per sequence
+    with ``locked``), and ``weight_drop`` to the recurrent matrices (:class:`~rnnlm.backbone.RecurrentBackbone`).
     """
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
-                 bidirectional: bool = False, nonlinearity: str = "tanh", reset_after: bool = True):
+                 bidirectional: bool = False, nonlinearity: str = "tanh", reset_after: bool = True,
+                 weight_drop: float = 0.0, locked: bool = False):
         super().__init__()
         self.mode, self.hidden_size, self.num_layers = cell, hidden_size, num_layers
         self.directions = 2 if bidirectional else 1
-        self.dropout = dropout
+        self.dropout, self.weight_drop, self.locked = dropout, weight_drop, locked
         self.cells = nn.ModuleList(
             make_cell(cell, input_size if k < self.directions else hidden_size * self.directions, hidden_size,
                       nonlinearity, reset_after)
@@ -256,13 +262,14 @@ class ScratchRecurrent(nn.Module):
             state = (zeros, zeros) if self.mode == "lstm" else zeros
         finals = []
         for layer in range(self.num_layers):
-            if layer > 0 and self.dropout > 0 and self.training:
-                x = nn.functional.dropout(x, self.dropout, training=True)
+            if layer > 0:
+                x = sequence_dropout(x, self.dropout, self.locked, self.training)
             outputs = []
             for direction in range(self.directions):
                 k = layer * self.directions + direction
                 start = (state[0][k], state[1][k]) if self.mode == "lstm" else state[k]
-                out, final = run_cell(self.cells[k], x, start, reverse=direction == 1)
+                out, final = run_cell(self.cells[k], x, start, reverse=direction == 1,
+                                      weight_drop=self.weight_drop if self.training else 0.0)
                 outputs.append(out)
                 finals.append(final)
             x = torch.cat(outputs, -1) if self.directions == 2 else outputs[0]

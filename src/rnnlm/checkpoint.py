@@ -31,6 +31,8 @@ CHECKPOINT_FORMAT = 1
 CONFIG_KEY = "rnnlm_config"  # the training run's config, so `ckpt_path=...` alone resumes it
 RESUME_KEY = "rnnlm_resume"  # what only a resumed run reads: carried hidden state, best loss, configured lr
 RANDOM_KEY = "rnnlm_random"  # the random streams, so a resumed run draws the dropout masks it would have drawn
+# NT-ASGD once averaging: "state_dict" holds the averaged weights (what is evaluated and used), this the SGD iterate
+ITERATE_KEY = "rnnlm_sgd_iterate"
 LEGACY_BEST_KEY = "best_val_loss"  # rnnlm 0.1 kept the best loss as a buffer in the state dict
 _ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"  # torch.save's zip format; its legacy pickle format
 
@@ -91,6 +93,25 @@ def read_resume_section(checkpoint: dict) -> ResumeSection | None:
         by_rank = map_state(resume.get("train_state"), lambda s: s[None])
     best = resume.get("best_val_loss", math.inf if legacy_best is None else float(legacy_best))
     return ResumeSection(by_rank, best, resume.get("configured_lr"))
+
+
+def write_averaged_weights(checkpoint: dict, parameters: dict[str, torch.Tensor],
+                           averages: dict[int, torch.Tensor]) -> None:
+    """Put each parameter's average (``averages``, by ``id`` of the parameter; ``parameters`` the module's
+    ``state_dict(keep_vars=True)``) in the checkpoint's state dict, and the parameter itself in the iterate
+    section, which a resumed run trains on from (:func:`read_sgd_iterate`)."""
+    weights, iterate = checkpoint["state_dict"], {}
+    for name, parameter in parameters.items():
+        if id(parameter) in averages:
+            iterate[name] = weights[name]
+            weights[name] = averages[id(parameter)]
+    checkpoint[ITERATE_KEY] = iterate
+
+
+def read_sgd_iterate(checkpoint: dict) -> None:
+    """Before a run resumes from ``checkpoint``: put the SGD iterate back in its state dict (the averages stay in
+    the optimizer's state)."""
+    checkpoint["state_dict"].update(checkpoint.pop(ITERATE_KEY, {}))
 
 
 def write_random_state(checkpoint: dict) -> None:

@@ -12,11 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from rnnlm.backbone import CELLS
 from rnnlm.corpora import CORPORA
 from rnnlm.errors import ConfigError, positive_integer, positive_number
+from rnnlm.minrnn import MIN_CELLS
 from rnnlm.network import NetworkConfig, adaptive_cutoffs
 from rnnlm.vocab import LEVELS
 
 TASKS = ("lm", "bilm")
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # weight blocks per layer: one per gate and candidate
+# weight blocks per layer: one per gate and candidate; minGRU's and minLSTM's read the input alone
+GATES = {"rnn": 1, "lstm": 4, "gru": 3, "mingru": 2, "minlstm": 3}
 # float32 weights, their gradients and the optimizer's two moments (AdamW; SGD with momentum keeps one)
 BYTES_PER_PARAMETER = 4 * 4
 
@@ -53,6 +55,19 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("seq_len", "batch_size", "eval_batch_size", "min_freq"):
         positive_integer(problems, f"data.{key}", data[key])
     positive_integer(problems, "data.max_size", data.max_size, allow_none=True)
+    if data.get("variable_seq_len"):
+        if data.mode != "stream":
+            problems.append("data.variable_seq_len=true varies the length of stream chunks: use data.mode=stream")
+        elif isinstance(data.seq_len, int) and data.seq_len < 10:
+            problems.append(f"data.variable_seq_len=true draws lengths around data.seq_len={data.seq_len} with a "
+                            "spread of 5 steps: set data.seq_len=10 or more")
+        if model.get("cuda_graph"):
+            problems.append("data.variable_seq_len=true gives chunks of many lengths, and model.cuda_graph replays "
+                            "one: drop one of them")
+    for key in ("activation_reg", "temporal_activation_reg"):
+        value = model.get(key, 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+            problems.append(f"model.{key}={value} must be a number >= 0")
     if data.get("scored", "all") not in ("all", "last"):
         problems.append(f"data.scored={data.scored} must be all or last")
     elif data.get("scored") == "last" and data.mode != "sentence":
@@ -123,14 +138,19 @@ def check_model_memory(cfg: DictConfig, vocab_size: int) -> None:
 
 def count_parameters(model: DictConfig, vocab_size: int) -> int:
     """The parameters of the :class:`~rnnlm.network.LanguageModel` that ``model`` (rnnlm/conf/model) describes, with
-    torch.nn's two biases per gate (the scratch cells keep one: a few hundred fewer)."""
+    torch.nn's two biases per gate (the scratch cells keep one: a few hundred fewer; minGRU and minLSTM have one
+    in both implementations)."""
     hidden, layers = model.hidden_size, model.num_layers
     directions = 2 if model.bidirectional else 1  # a bidirectional LM has a second, backward stack
     embedding = vocab_size * model.embedding_dim if model.embedding_dim else 0
     inputs = [model.embedding_dim or vocab_size] + [hidden] * (layers - 1)
-    # per layer: W_ih (G*H, I), W_hh (G*H, H) and their two biases
-    stack = sum(GATES[model.cell] * hidden * (i + hidden + 2) for i in inputs)
+    stack = sum(layer_parameters(model.cell, i, hidden) for i in inputs)
     features = hidden * directions
+    projection = getattr(model, "projection_size", None)  # settings from before the option lack it
+    if projection:  # a linear map (with a bias) from the stack's outputs to what the decoder reads
+        stack_out, features = features * projection + projection, projection
+    else:
+        stack_out = 0
     if model.softmax == "adaptive" and vocab_size:
         cutoffs = [*adaptive_cutoffs(vocab_size, model.adaptive_cutoffs), vocab_size]
         # the head (no bias) scores the first cutoffs[0] ids and one entry per cluster; cluster i projects
@@ -141,15 +161,25 @@ def count_parameters(model: DictConfig, vocab_size: int) -> int:
             decoder += width * (features + cutoffs[i + 1] - cutoffs[i])
     else:
         decoder = (0 if model.tie_weights else features * vocab_size) + vocab_size
-    return embedding + directions * stack + decoder
+    return embedding + directions * stack + stack_out + decoder
+
+
+def layer_parameters(cell: str, input_size: int, hidden: int) -> int:
+    """Weights and biases of one recurrent layer (one direction) of ``hidden`` units reading ``input_size`` inputs:
+    W_ih (G*H, I), W_hh (G*H, H) and torch.nn's two biases, or for minGRU / minLSTM W_x (G*H, I) and one bias."""
+    if cell in MIN_CELLS:
+        return GATES[cell] * hidden * (input_size + 1)
+    return GATES[cell] * hidden * (input_size + hidden + 2)
 
 
 def equal_budget(cell: str, input_size: int, lstm_units: int) -> int:
     """The hidden size that gives a one-layer ``cell`` about the recurrent parameters of an LSTM of ``lstm_units``
     reading ``input_size`` inputs (``${rnnlm.equal_budget:cell,input,units}`` in the configs), so that cells are
-    compared at the same budget: G * H * (I + H + 2) weights and biases for G gate blocks."""
-    budget = GATES["lstm"] * lstm_units * (input_size + lstm_units + 2)
-    b = input_size + 2  # solve H^2 + b H = budget / G
+    compared at the same budget (:func:`layer_parameters`)."""
+    budget = layer_parameters("lstm", input_size, lstm_units)
+    if cell in MIN_CELLS:  # G * H * (I + 1): linear in H, as there is no H x H matrix
+        return max(1, round(budget / (GATES[cell] * (input_size + 1))))
+    b = input_size + 2  # G * H * (I + H + 2) = budget: solve H^2 + b H = budget / G
     return max(1, round((-b + math.sqrt(b * b + 4 * budget / GATES[cell])) / 2))
 
 

@@ -39,10 +39,16 @@ class StreamChunks(IterableDataset):
         chunk 2  inputs [[t4],[t10]]        targets [[t5],[t11]]
 
     The target is the input shifted by one step within its row.
+
+    ``variable``: AWD-LSTM's variable-length BPTT. Each pass cuts the rows at new places: chunk lengths are drawn
+    as AWD-LSTM draws them (``seq_len``, or half of it one time in 20, plus normal noise of 5 steps, at least 5)
+    and scaled together so that the pass has as many chunks as a fixed ``seq_len`` gives and reads every step
+    once. Keeping the count keeps progress, validation intervals and resume points where they are; the draws
+    depend only on ``seed`` and the pass, so a resumed pass is cut as the original was.
     """
 
     def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 split: str = "train"):
+                 split: str = "train", variable: bool = False, seed: int = 0):
         columns = batch_size * world_size
         self.steps = len(ids) // columns  # tokens per row
         if self.steps < 2:
@@ -53,15 +59,30 @@ class StreamChunks(IterableDataset):
         block = ids[: columns * self.steps].reshape(columns, self.steps)
         self.rows = block[rank * batch_size : (rank + 1) * batch_size]  # (B, steps), still memory-mapped
         self.seq_len = seq_len
+        self.variable, self.seed = variable, seed
         self.resume_at = 0  # chunk the next pass starts from (set when a run resumes mid-epoch)
+        self.passes = 0  # passes started (the next one's index)
 
     def __len__(self) -> int:
         return math.ceil((self.steps - 1) / self.seq_len)
 
+    def lengths(self, pass_index: int) -> np.ndarray:
+        """The chunk lengths of a pass; they sum to the ``steps - 1`` targets of a row."""
+        targets, count = self.steps - 1, len(self)
+        if not self.variable:
+            return np.array([self.seq_len] * (count - 1) + [targets - self.seq_len * (count - 1)])
+        rng = np.random.default_rng([self.seed, pass_index])
+        around = np.where(rng.random(count) < 0.95, self.seq_len, self.seq_len / 2)
+        drawn = np.maximum(5, rng.normal(around, 5))
+        ends = np.round(np.cumsum(drawn) * targets / drawn.sum()).astype(np.int64)  # the last end is `targets`
+        return np.diff(ends, prepend=0)  # each >= 4: the config asks for seq_len >= 10
+
     def __iter__(self):
         first, self.resume_at = self.resume_at, 0  # only the pass that resumes skips ahead
-        for start in range(first * self.seq_len, self.steps - 1, self.seq_len):
-            length = min(self.seq_len, self.steps - 1 - start)
+        lengths = self.lengths(self.passes)
+        self.passes += 1
+        starts = np.cumsum(lengths) - lengths
+        for start, length in zip(starts[first:], lengths[first:], strict=True):
             window = torch.from_numpy(self.rows[:, start : start + length + 1].astype(np.int64))  # (B, T+1)
             yield window[:, :-1], window[:, 1:]
 
@@ -142,7 +163,8 @@ def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers:
 
 
 def split_dataset(ids: np.ndarray, vocab: Vocab, mode: str, seq_len: int, batch_size: int, *, train: bool = False,
-                  rank: int = 0, world_size: int = 1, name: str = "evaluation", scored: str = "all") -> Dataset:
+                  rank: int = 0, world_size: int = 1, name: str = "evaluation", scored: str = "all",
+                  variable_seq_len: bool = False) -> Dataset:
     """The dataset of one split, as training reads it: :class:`TextDataModule` and ``eval.py`` both build theirs here.
 
     Args:
@@ -158,12 +180,14 @@ def split_dataset(ids: np.ndarray, vocab: Vocab, mode: str, seq_len: int, batch_
             sentences are dealt out by the loader's :class:`EvenShards`).
         name: the split, for messages.
         scored: ``all`` targets, or only the ``last`` word of each line (sentence mode).
+        variable_seq_len: stream training chunks of varying length around ``seq_len`` (:class:`StreamChunks`).
 
     Raises:
         DataError: too few tokens for the columns, no non-empty line, or fewer lines than processes.
     """
     if mode == "stream":
-        return StreamChunks(ids, batch_size, seq_len, rank, world_size, name)
+        return StreamChunks(ids, batch_size, seq_len, rank, world_size, name, variable=train and variable_seq_len,
+                            seed=torch.initial_seed())
     if mode != "sentence":
         raise DataError(f"data mode {mode!r} is unknown: use one of {'|'.join(MODES)}")
     if vocab.bos_id is None:  # prepare() gives every sentence-mode vocabulary one
@@ -211,6 +235,8 @@ class TextDataModule(L.LightningDataModule):
         data_dir: where named corpora live (downloaded when missing).
         cache_dir: where token ids are cached; may differ from a read-only ``data_dir``.
         scored: the targets in the loss and metrics: ``all``, or the ``last`` word of each line (sentence mode).
+        variable_seq_len: stream training chunks of varying length around ``seq_len`` (AWD-LSTM's variable-length
+            BPTT; the model scales each step's learning rate by the chunk's length).
         recall: the settings of the synthetic recall task (:mod:`rnnlm.recall`), which then is the corpus.
     """
 
@@ -233,6 +259,7 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         scored: str = "all",
         recall: dict | None = None,
+        variable_seq_len: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -286,19 +313,23 @@ class TextDataModule(L.LightningDataModule):
             rows = hp.batch_size if split == "train" else hp.eval_batch_size
             self.datasets[split] = split_dataset(prepared.splits[split], prepared.vocab, hp.mode, hp.seq_len, rows,
                                                  train=split == "train", rank=rank, world_size=world, name=split,
-                                                 scored=hp.scored)
+                                                 scored=hp.scored, variable_seq_len=hp.variable_seq_len)
 
     def state_dict(self) -> dict:
-        """Where the training stream stands: the chunks of this epoch already trained on."""
-        if self.trainer is None or not isinstance(self.datasets.get("train"), StreamChunks):
+        """Where the training stream stands: the pass and its chunks already trained on."""
+        stream = self.datasets.get("train")
+        if self.trainer is None or not isinstance(stream, StreamChunks):
             return {}
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"train_chunks_done": done % len(self.datasets["train"])}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed % len(stream)
+        # a pass under way (done > 0) has been counted in `passes`: the resumed run repeats its cuts
+        return {"train_chunks_done": done, "train_pass": stream.passes - 1 if done else stream.passes}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume the stream where the checkpoint left it (called after setup, before the loaders)."""
-        if state.get("train_chunks_done") and isinstance(self.datasets.get("train"), StreamChunks):
-            self.datasets["train"].resume_at = state["train_chunks_done"]
+        stream = self.datasets.get("train")
+        if isinstance(stream, StreamChunks):
+            stream.resume_at = state.get("train_chunks_done", 0)
+            stream.passes = state.get("train_pass", 0)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         rows = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size

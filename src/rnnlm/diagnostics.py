@@ -34,7 +34,8 @@ SATURATED = 0.05  # a sigmoid gate within this of 0 or 1 blocks or passes nearly
 def gradient_flow(net: LanguageModel, inputs: Tensor, targets: Tensor) -> tuple[list[float], dict[str, Tensor]]:
     """``[g_0, ..., g_{T-1}]`` for the chunk ``inputs`` (B, T) (the loss: the mean cross-entropy of
     ``targets[:, -1]`` from the top layer's last hidden state), and the sigmoid gates' activations of every
-    layer, step, row and unit by gate name (empty for a vanilla RNN).
+    layer, step, row and unit by gate name (empty for a vanilla RNN, minGRU and minLSTM: their gates are not
+    among those watched).
 
     Raises:
         ValueError: a bidirectional network (its backward direction reads the future: no such chain).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -14,13 +15,19 @@ from rnnlm.checkpoint import (
     NonFiniteError,
     ResumeSection,
     read_resume_section,
+    read_sgd_iterate,
+    write_averaged_weights,
     write_model_section,
     write_resume_section,
 )
 from rnnlm.cuda_graph import GraphedStep
 from rnnlm.loss import IGNORE_INDEX, loss_in_units
 from rnnlm.network import LanguageModel, NetworkConfig
+from rnnlm.ntasgd import find_ntasgd
+from rnnlm.regularization import activation_penalty
 from rnnlm.vocab import Vocab
+
+log = logging.getLogger(__name__)
 
 
 def writes_logs(trainer: L.Trainer | None) -> bool:
@@ -48,11 +55,19 @@ class RecurrentLM(L.LightningModule):
         scheduler: ``optimizer -> LRScheduler`` (a Hydra partial), stepped per epoch on ``val/loss``.
         answer_accuracy: also log ``val/answer_acc`` and ``test/answer_acc``, the share of scored targets the
             model ranks first (with ``data.scored=last``: the answers of ``data=recall``).
+        activation_reg: AR (AWD-LSTM's ``alpha``): adds ``activation_reg * mean(o**2)`` of the top layer's outputs
+            o after dropout to the training objective.
+        temporal_activation_reg: TAR (AWD-LSTM's ``beta``): adds ``temporal_activation_reg * mean((h_t -
+            h_{t-1})**2)`` of the top layer's outputs before dropout. ``train/loss`` stays the cross-entropy.
+        nominal_seq_len: variable-length BPTT (``data.variable_seq_len``): each step's learning rate is scaled
+            by its chunk's length over this one, so that short chunks do not weigh as much as long ones
+            (AWD-LSTM). ``None``: every step takes the configured rate.
         network: the fields of :class:`~rnnlm.network.NetworkConfig` but ``vocab_size`` (``model.*``).
     """
 
     def __init__(self, vocab: Vocab, carry_state: bool = True, compile: bool = False, cuda_graph: bool = False,
                  optimizer: Callable | None = None, scheduler: Callable | None = None, answer_accuracy: bool = False,
+                 activation_reg: float = 0.0, temporal_activation_reg: float = 0.0, nominal_seq_len: int | None = None,
                  **network):
         super().__init__()
         self.vocab = vocab
@@ -67,6 +82,11 @@ class RecurrentLM(L.LightningModule):
         self._state: dict[str, State | None] = {"train": None, "val": None, "test": None}
         self.answer_accuracy = answer_accuracy
         self._correct: Tensor | None = None  # the last evaluation step's answers ranked first
+        self.activation_reg, self.temporal_activation_reg = activation_reg, temporal_activation_reg
+        self._penalty: Tensor | None = None  # the last training step's AR + TAR
+        self.nominal_seq_len = nominal_seq_len
+        self._lr_scale = 1.0  # this step's chunk length over nominal_seq_len
+        self._averages_in = False  # NT-ASGD's averaged weights are in the parameters (during validation)
         self._eval_sums = torch.zeros(3, dtype=torch.float64)  # summed loss (nats), scored tokens, ranked first
         self.best_val_loss = math.inf  # saved with the resume state, so a resumed run remembers it
         self._first_bad_step = torch.tensor(-1)  # the first training step whose loss was not finite
@@ -81,18 +101,23 @@ class RecurrentLM(L.LightningModule):
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         return self.net(tokens, state)
 
-    def _forward_loss(self, inputs: Tensor, targets: Tensor, state: State | None,
-                      correct: list | None = None) -> tuple[Tensor, Tensor, State | None]:
+    def _forward_loss(self, inputs: Tensor, targets: Tensor, state: State | None, correct: list | None = None,
+                      penalty: list | None = None) -> tuple[Tensor, Tensor, State | None]:
         """Summed loss, scored tokens and the final state of one chunk; targets[:, t] follows inputs[:, t].
-        ``correct``: a list to append how many scored targets the model ranked first."""
+        ``correct``: a list to append how many scored targets the model ranked first; ``penalty``: a list to
+        append the activation regularization (AR + TAR) to."""
         if self.net.bidirectional:  # each target predicted from both sides of it
             # Row b of the window is inputs[b, 0] then the targets: T+1 tokens, so the targets' right
             # neighbours are in view. Window position 0 was the previous chunk's last target (or a row's
             # first token, never a target): scoring only positions 1..T counts every token once.
             window = torch.cat([inputs[:, :1], targets], 1)  # (B, T+1)
-            features, state = self.net.features(window)[0][:, 1:], None
+            features, _, outputs, dropped = self.net.features_and_outputs(window)
+            features, outputs, dropped, state = features[:, 1:], outputs[:, 1:], dropped[:, 1:], None
         else:
-            features, state = self.net.features(inputs, state)  # (B, T, D)
+            features, state, outputs, dropped = self.net.features_and_outputs(inputs, state)  # (B, T, D)
+        if penalty is not None:
+            penalty.append(activation_penalty(outputs, dropped, targets != IGNORE_INDEX, self.activation_reg,
+                                              self.temporal_activation_reg))
         if correct is not None:
             scored = targets != IGNORE_INDEX
             correct.append((self.net.logits(features[scored]).argmax(-1) == targets[scored]).sum())
@@ -105,11 +130,18 @@ class RecurrentLM(L.LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         inputs, targets = batch  # (B, T) each
         correct = [] if self.answer_accuracy and stage != "train" else None
-        total, count, state = self._forward_loss(inputs, targets, self._carried(stage, inputs.size(0)), correct)
+        penalty = [] if stage == "train" and self._regularizes_activations else None
+        total, count, state = self._forward_loss(inputs, targets, self._carried(stage, inputs.size(0)), correct,
+                                                 penalty)
         self._correct = correct[0] if correct else None
+        self._penalty = penalty[0] if penalty else None
         if self.carry_state:
             self._state[stage] = detach_state(state)
         return total, count
+
+    @property
+    def _regularizes_activations(self) -> bool:
+        return bool(self.activation_reg or self.temporal_activation_reg)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -118,20 +150,37 @@ class RecurrentLM(L.LightningModule):
         if self.automatic_optimization:
             total, count = self._step(batch, "train")
             loss = total / count
+            objective = loss if self._penalty is None else loss + self._penalty
         else:
-            loss = self._graphed_step(batch)
+            objective = loss = self._graphed_step(batch)  # with the penalty: the graph returns one number
         # Every step is checked, on the device: reading the loss back each step would make the host wait
         # for the GPU. The first bad step is read back when metrics are written.
         if self._device_step is None:  # counted on the device too: making the number there each step would wait
             self._device_step = torch.tensor(self.global_step, device=loss.device)
             self._first_bad_step = self._first_bad_step.to(loss.device)
         self._device_step += 1
-        bad = ~torch.isfinite(loss.detach()) & (self._first_bad_step < 0)
+        bad = ~torch.isfinite(objective.detach()) & (self._first_bad_step < 0)
         self._first_bad_step = torch.where(bad, self._device_step, self._first_bad_step)
         if writes_logs(self._trainer):
             self._raise_if_diverged()
             self.log("train/loss", loss.clone(), prog_bar=True)  # a graph's output is overwritten by the next step
-        return loss
+        return objective
+
+    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        if self.nominal_seq_len:
+            self._lr_scale = batch[0].size(1) / self.nominal_seq_len
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        if self._lr_scale == 1.0:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        configured = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] *= self._lr_scale
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:  # the scaled rate is this step's alone: schedulers and checkpoints see the configured one
+            for group, lr in zip(optimizer.param_groups, configured, strict=True):
+                group["lr"] = lr
 
     def _graphed_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         """Forward, backward and clipping from the CUDA graph (eagerly for other shapes), then the optimizer
@@ -139,8 +188,9 @@ class RecurrentLM(L.LightningModule):
         inputs, targets = batch
         if self._graphed is None:
             def mean_loss(inputs: Tensor, targets: Tensor, state: State | None) -> tuple[Tensor, State | None]:
-                total, count, final = self._forward_loss(inputs, targets, state)
-                return total / count, final
+                penalty = [] if self._regularizes_activations else None
+                total, count, final = self._forward_loss(inputs, targets, state, penalty=penalty)
+                return total / count + (penalty[0] if penalty else 0), final
 
             self._graphed = GraphedStep(mean_loss, [p for p in self.parameters() if p.requires_grad],
                                         self.gradient_clip_val, self.gradient_clip_algorithm)
@@ -172,7 +222,7 @@ class RecurrentLM(L.LightningModule):
             self.log("train/grad_norm", self._grad_norm.clone())
         elif grads := [p.grad for p in self.parameters() if p.grad is not None]:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        self.log("train/lr", optimizer.param_groups[0]["lr"] / self._lr_scale)  # the configured rate
 
     def on_train_end(self) -> None:
         self._raise_if_diverged()
@@ -192,6 +242,14 @@ class RecurrentLM(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._raise_if_diverged()  # never validate, and so checkpoint, weights that diverged
         self._eval_start("val")
+        self._swap_averages(into_parameters=True)
+
+    def _swap_averages(self, into_parameters: bool) -> None:
+        """NT-ASGD: validate the averaged weights (the parameters get them back after validation)."""
+        ntasgd = find_ntasgd(self.trainer.optimizers) if self._trainer is not None else None
+        if ntasgd is not None and self._averages_in != into_parameters:
+            ntasgd.swap()
+            self._averages_in = into_parameters
 
     # ---------------------------------------------------------------- evaluation
     def _eval_start(self, stage: str) -> None:
@@ -230,6 +288,12 @@ class RecurrentLM(L.LightningModule):
         if not self.trainer.sanity_checking and loss < self.best_val_loss:
             self.best_val_loss = loss
         self.log("val/loss_best", self.best_val_loss, sync_dist=True)
+        self._swap_averages(into_parameters=False)
+        if (ntasgd := find_ntasgd(self.trainer.optimizers)) is not None:
+            if not self.trainer.sanity_checking and ntasgd.observe(loss):
+                log.info("NT-ASGD: val/loss %.4f is no better than before the last %d validations: averaging "
+                         "the weights from step %d", loss, ntasgd.param_groups[0]["nonmono"], self.global_step)
+            self.log("train/averaging", float(ntasgd.averaging), sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self._eval_start("test")
@@ -262,6 +326,10 @@ class RecurrentLM(L.LightningModule):
         # hook, so the gather is collective.
         by_rank = map_state(self._state["train"], self._gather)
         write_resume_section(checkpoint, ResumeSection(by_rank, self.best_val_loss, self._configured_lr()))
+        ntasgd = find_ntasgd(self.trainer.optimizers)
+        if ntasgd is not None and ntasgd.averaging:  # checkpoints are taken between steps: the iterate is in place
+            averages = {id(p): average for p, average in ntasgd.averages()}
+            write_averaged_weights(checkpoint, self.state_dict(keep_vars=True), averages)
 
     def _configured_lr(self) -> float | None:
         return getattr(self.optimizer_factory, "keywords", {}).get("lr")
@@ -283,6 +351,8 @@ class RecurrentLM(L.LightningModule):
         return self.all_gather(tensor) if self.trainer.world_size > 1 else tensor.unsqueeze(0)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":  # testing keeps the averaged weights
+            read_sgd_iterate(checkpoint)
         resume = read_resume_section(checkpoint)
         if resume is None:
             return

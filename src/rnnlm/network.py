@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from rnnlm.backbone import CELLS, IMPLS, NONLINEARITIES, RecurrentBackbone, State
 from rnnlm.errors import ConfigError, positive_integer
 from rnnlm.loss import IGNORE_INDEX, sequence_loss
+from rnnlm.minrnn import MIN_CELLS
+from rnnlm.regularization import embedding_dropout, sequence_dropout
 
 SOFTMAXES = ("full", "adaptive")
 # Where the adaptive softmax's clusters start when model.adaptive_cutoffs is not given: the 2,000 most
@@ -37,10 +39,22 @@ class NetworkConfig:
 
     Fields:
         vocab_size: number of token ids (comes from the data, not the config).
-        cell: ``rnn``, ``lstm`` or ``gru``.
+        cell: ``rnn``, ``lstm``, ``gru``, ``mingru`` or ``minlstm``.
         embedding_dim: size of the learned embedding; ``None`` feeds one-hot vectors instead.
         hidden_size, num_layers: size of the recurrent stack.
-        dropout: on the embeddings, between layers and before the decoder.
+        dropout: on the top layer's outputs, before the decoder; also on the embeddings and between layers
+            unless ``input_dropout`` / ``layer_dropout`` say otherwise.
+        input_dropout: on the embeddings (AWD-LSTM's ``dropouti``); ``None``: ``dropout``.
+        layer_dropout: between layers (AWD-LSTM's ``dropouth``); ``None``: ``dropout``.
+        locked_dropout: those three draw one mask per sequence, the same at every time step (variational
+            dropout, Gal and Ghahramani 2016), instead of one per step.
+        embedding_dropout: drops whole words: each vocabulary row of the embedding is zeroed for the batch with
+            this probability (AWD-LSTM's ``dropoute``).
+        weight_drop: DropConnect on the hidden-to-hidden matrices, a new mask per forward call (AWD-LSTM's
+            ``wdrop``; not for minGRU/minLSTM, which have none).
+        projection_size: a linear map from the top layer's outputs to this size before the decoder (``None``:
+            none), so that a stack wider than the embedding can still tie the decoder to it. (AWD-LSTM narrows
+            its top layer instead; rnnlm's layers share one width.)
         nonlinearity: ``tanh`` or ``relu`` (vanilla RNN only).
         tie_weights: share the embedding matrix with the decoder (needs ``embedding_dim`` equal to the
             decoder's input: ``hidden_size``, or ``2 * hidden_size`` when bidirectional).
@@ -48,7 +62,8 @@ class NetworkConfig:
             with ``init_all``; otherwise the recurrent ones keep torch.nn's ``±1/sqrt(hidden_size)``).
         bidirectional: a bidirectional LM: token t is predicted from the forward state at t-1 and the
             backward state at t+1, so no prediction sees its own token. It cannot generate text.
-        impl: ``fused`` (torch.nn kernels) or ``scratch`` (the textbook cells of :mod:`rnnlm.cells`).
+        impl: ``fused`` (torch.nn kernels; minGRU/minLSTM: the parallel scan) or ``scratch`` (the textbook cells of
+            :mod:`rnnlm.cells`; minGRU/minLSTM: the step-by-step loop).
         reset_after: GRU only: torch.nn's form (True) or the original reset-before GRU (scratch only).
         softmax: ``full`` (one linear decoder over the vocabulary) or ``adaptive`` (Grave et al. 2017,
             ``torch.nn.AdaptiveLogSoftmaxWithLoss``: the frequent tokens in a small head, the rare ones in
@@ -68,6 +83,12 @@ class NetworkConfig:
     hidden_size: int = 200
     num_layers: int = 2
     dropout: float = 0.2
+    input_dropout: float | None = None
+    layer_dropout: float | None = None
+    locked_dropout: bool = False
+    embedding_dropout: float = 0.0
+    weight_drop: float = 0.0
+    projection_size: int | None = None
     nonlinearity: str = "tanh"
     tie_weights: bool = False
     init_range: float = 0.1
@@ -117,15 +138,26 @@ class NetworkConfig:
         positive_integer(problems, "model.hidden_size", model.hidden_size)
         positive_integer(problems, "model.num_layers", model.num_layers)
         positive_integer(problems, "model.embedding_dim", model.embedding_dim, allow_none=True)
-        if not 0 <= model.dropout < 1:
-            problems.append(f"model.dropout={model.dropout} must be in [0, 1)")
+        for key in ("dropout", "input_dropout", "layer_dropout", "embedding_dropout", "weight_drop"):
+            value = getattr(model, key, None)  # settings from before an option existed lack it
+            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
+                problems.append(f"model.{key}={value} must be in [0, 1)")
+        if getattr(model, "weight_drop", 0) and model.cell in MIN_CELLS:
+            problems.append(f"model.weight_drop drops hidden-to-hidden weights, which {model.cell} does not have "
+                            "(its gates read only the input): set model.weight_drop=0")
+        if getattr(model, "embedding_dropout", 0) and not model.embedding_dim:
+            problems.append("model.embedding_dropout drops rows of the embedding, and model.embedding_dim=null feeds "
+                            "one-hot vectors instead: set model.embedding_dim or model.embedding_dropout=0")
+        projection = getattr(model, "projection_size", None)
+        positive_integer(problems, "model.projection_size", projection, allow_none=True)
         if model.nonlinearity not in NONLINEARITIES:
             problems.append(f"model.nonlinearity={model.nonlinearity} must be one of {'|'.join(NONLINEARITIES)}")
-        decoder_input = model.hidden_size * (2 if model.bidirectional else 1)
+        decoder_input = projection or model.hidden_size * (2 if model.bidirectional else 1)
         if model.tie_weights and model.embedding_dim != decoder_input:
             problems.append(
                 f"model.tie_weights=true needs model.embedding_dim ({model.embedding_dim}) == the decoder's input "
-                f"size ({decoder_input}): set model.embedding_dim={decoder_input} or model.tie_weights=false"
+                f"size ({decoder_input}): set model.embedding_dim={decoder_input}, "
+                f"model.projection_size={model.embedding_dim} or model.tie_weights=false"
             )
         if model.impl not in IMPLS:
             problems.append(f"model.impl={model.impl} must be one of {'|'.join(IMPLS)}")
@@ -162,13 +194,13 @@ class LanguageModel(nn.Module):
         self.bidirectional = config.bidirectional
         self.vocab_size = config.vocab_size
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim) if config.embedding_dim else None
-        self.drop = nn.Dropout(config.dropout)
 
         def stack() -> RecurrentBackbone:
             return RecurrentBackbone(
                 config.cell, config.embedding_dim or config.vocab_size, config.hidden_size, config.num_layers,
-                dropout=config.dropout, nonlinearity=config.nonlinearity, impl=config.impl,
-                reset_after=config.reset_after,
+                dropout=_or(config.layer_dropout, config.dropout), nonlinearity=config.nonlinearity,
+                impl=config.impl, reset_after=config.reset_after, weight_drop=config.weight_drop,
+                locked_dropout=config.locked_dropout,
             )
 
         self.backbone = stack()
@@ -177,6 +209,8 @@ class LanguageModel(nn.Module):
         # backward layer-1 outputs, and through them token t+1 onward.
         self.backward_backbone = stack() if config.bidirectional else None
         features = config.hidden_size * (2 if config.bidirectional else 1)
+        self.projection = nn.Linear(features, config.projection_size) if config.projection_size else None
+        features = config.projection_size or features
         self.adaptive = config.softmax == "adaptive"
         if self.adaptive:  # the config checked that the cutoffs fit the vocabulary
             self.decoder = nn.AdaptiveLogSoftmaxWithLoss(
@@ -212,7 +246,10 @@ class LanguageModel(nn.Module):
         """(B, T) ids -> (B, T, E) inputs of the backbone."""
         if self.embedding is None:  # one-hot: each id selects one column of the first layer's input weights
             return F.one_hot(tokens, self.vocab_size).to(self.dtype)
-        return self.drop(self.embedding(tokens))
+        config = self.config
+        weight = embedding_dropout(self.embedding.weight, config.embedding_dropout, self.training)
+        return sequence_dropout(F.embedding(tokens, weight), _or(config.input_dropout, config.dropout),
+                                config.locked_dropout, self.training)
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
         """tokens (B, T) -> logits (B, T, V) and the final state, to pass to the next call.
@@ -226,9 +263,16 @@ class LanguageModel(nn.Module):
         return self.logits(features), state
 
     def features(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
-        """tokens (B, T) -> what the decoder reads (B, T, D), after dropout, and the final state (see
-        :meth:`forward`). Training computes its loss from these, so an adaptive softmax never builds the
-        full (B, T, V) distribution."""
+        """tokens (B, T) -> what the decoder reads (B, T, D), after dropout (and the projection), and the final
+        state (see :meth:`forward`). Training computes its loss from these, so an adaptive softmax never builds
+        the full (B, T, V) distribution."""
+        features, state, _, _ = self.features_and_outputs(tokens, state)
+        return features, state
+
+    def features_and_outputs(self, tokens: Tensor, state: State | None = None
+                             ) -> tuple[Tensor, State | None, Tensor, Tensor]:
+        """:meth:`features` and the top layer's outputs (B, T, D*H) before and after the output dropout, which
+        activation regularization reads (:func:`rnnlm.regularization.activation_penalty`)."""
         inputs = self.embed(tokens)
         outputs, state = self.backbone(inputs, state)  # (B, T, H)
         if self.backward_backbone is not None:
@@ -237,7 +281,9 @@ class LanguageModel(nn.Module):
             before = F.pad(outputs[:, :-1], (0, 0, 1, 0))  # row t: the forward state after token t-1
             after = F.pad(backward[:, 1:], (0, 0, 0, 1))  # row t: the backward state after token t+1
             outputs, state = torch.cat([before, after], -1), None
-        return self.drop(outputs), state
+        dropped = sequence_dropout(outputs, self.config.dropout, self.config.locked_dropout, self.training)
+        features = dropped if self.projection is None else self.projection(dropped)
+        return features, state, outputs, dropped
 
     def logits(self, features: Tensor) -> Tensor:
         """features (..., D) -> scores over the vocabulary (..., V); softmax gives the model's distribution."""
@@ -259,4 +305,8 @@ class LanguageModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rnnlm.backbone import State
+from rnnlm.minrnn import MIN_CELLS, coefficients
 from rnnlm.network import LanguageModel
 
 
@@ -25,6 +26,8 @@ class Stepper:
     - gru:  ``r, z = σ(split(W_ih x + b_ih + W_hh h + b_hh)[:2])``;
       ``n = tanh(W_in x + b_in + r∘(W_hn h + b_hn))``; ``h' = (1-z)∘n + z∘h``
       (reset-before GRU: ``n = tanh(W_in x + b_in + W_hn (r∘h))``)
+    - mingru, minlstm: ``a, b = coefficients(W_x x + b)``; ``h' = a∘h + b`` (:mod:`rnnlm.minrnn`: the gates read x
+      alone; the recurrent step, not the scan the training runs)
     """
 
     def __init__(self, net: LanguageModel):
@@ -39,6 +42,10 @@ class Stepper:
         self.layers = []
         with torch.no_grad():
             for k in range(config.num_layers):
+                if self.cell in MIN_CELLS:  # no hidden-to-hidden matrix: (I, G*H) and the bias
+                    w_x, b = net.backbone.rnn.cells[k].stacked()
+                    self.layers.append((w_x.t().contiguous(), b.clone()))
+                    continue
                 w_ih, w_hh = weights[f"weight_ih_l{k}"], weights[f"weight_hh_l{k}"]
                 b_ih, b_hh = weights[f"bias_ih_l{k}"], weights[f"bias_hh_l{k}"]
                 if self.cell == "gru":  # the candidate's recurrent part is gated by r: keep it apart
@@ -46,6 +53,7 @@ class Stepper:
                 else:  # (I + H, G*H): one product over the concatenation [x, h]
                     self.layers.append((torch.cat([w_ih, w_hh], 1).t().contiguous(), b_ih + b_hh))
             self.embedding = None if net.embedding is None else net.embedding.weight.detach()
+            self.projection = net.projection  # None, or the linear map from the top layer to the decoder's input
             # the full decoder as one (H, V) matrix; an adaptive softmax computes its own distribution
             self.adaptive_head = net.decoder if net.adaptive else None
             if not net.adaptive:
@@ -76,7 +84,12 @@ class Stepper:
             x = self.embedding[tokens]
         new = []
         for weights, state in zip(self.layers, layers, strict=True):
-            if self.cell == "lstm":
+            if self.cell in MIN_CELLS:
+                w, bias = weights
+                a, b = coefficients(self.cell, torch.addmm(bias, x, w))
+                x = torch.addcmul(b, a, state)  # h' = a∘h + b
+                new.append(x)
+            elif self.cell == "lstm":
                 w, b = weights
                 h, c = state
                 i, f, g, o = torch.addmm(b, torch.cat([x, h], 1), w).chunk(4, 1)
@@ -101,6 +114,8 @@ class Stepper:
                 pre = torch.addmm(b, torch.cat([x, state], 1), w)
                 x = torch.relu(pre) if self.relu else torch.tanh(pre)
                 new.append(x)
+        if self.projection is not None:
+            x = self.projection(x)
         if self.adaptive_head is not None:
             return self.adaptive_head.log_prob(x), new
         return torch.addmm(self.decoder_b, x, self.decoder_w), new

@@ -2,7 +2,8 @@
 
 Writes, into the sweep folder, ``summary.csv`` and ``summary.md`` (one row per job: the swept values,
 parameter count, best validation loss and perplexity or bits per character, test metrics, tokens/s,
-wall time, status), ``curves.png`` (every job's validation loss against tokens seen) and, for jobs
+wall time, status), ``curves.png`` (every job's validation loss against tokens seen), ``curves_time.png``
+(against training wall time, for comparisons at equal time budgets, ``trainer.max_time``) and, for jobs
 trained with ``callbacks=diagnostics``, ``gradient_flow.png`` (how far back each one's gradient reaches). Nothing
 is re-run: each job's ``run_summary.json`` and its TensorBoard events (or ``csv/metrics.csv``) are read.
 """
@@ -39,14 +40,18 @@ def swept_values(job: Path) -> dict[str, str]:
     return values
 
 
+def _events(job: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(job / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+
 def curves(job: Path) -> dict[str, list[tuple[int, float]]]:
     """Logged scalars as ``tag -> [(step, value)]``, from TensorBoard events or the CSV log."""
     if (job / "tensorboard").is_dir():
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        events = EventAccumulator(str(job / "tensorboard"), size_guidance={"scalars": 0})
-        events.Reload()
-        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+        return {tag: [(e.step, e.value) for e in scalars] for tag, scalars in _events(job).items()}
     found: dict[str, list[tuple[int, float]]] = {}
     metrics = job / "csv" / "metrics.csv"
     if metrics.is_file():
@@ -55,6 +60,18 @@ def curves(job: Path) -> dict[str, list[tuple[int, float]]]:
                 if tag not in ("epoch", "step") and value not in ("", None):
                     found.setdefault(tag, []).append((int(row["step"]), float(value)))
     return found
+
+
+def timed_curve(job: Path, tag: str = "val/loss") -> list[tuple[float, float]]:
+    """``[(seconds, value)]`` of one logged scalar, timed from the job's first logged scalar (TensorBoard events
+    record when they were written; the CSV log does not: empty then)."""
+    if not (job / "tensorboard").is_dir():
+        return []
+    scalars = _events(job)
+    if tag not in scalars:
+        return []
+    start = min(e.wall_time for events in scalars.values() for e in events)
+    return [(e.wall_time - start, e.value) for e in scalars[tag]]
 
 
 def _tokens_at(step: int, seen: list[tuple[int, float]]) -> float:
@@ -133,6 +150,8 @@ def write_report(sweep: Path) -> list[Path]:
     md_path.write_text("\n".join(lines) + "\n")
     _plot(jobs, swept, png_path)
     written = [csv_path, md_path, png_path]
+    if any(timed_curve(job) for job in jobs):
+        written.append(_plot_against_time(jobs, swept, sweep / "curves_time.png"))
     if any((job / GRADIENT_FLOW_FILE).is_file() for job in jobs):
         written.append(_plot_gradient_flow(jobs, swept, sweep / "gradient_flow.png"))
     distance = next((k for k in swept if k.endswith("distance")), None)
@@ -176,6 +195,20 @@ def _plot(jobs: list[Path], swept: list[str], path: Path) -> None:
     axes.set_ylabel("validation loss (nats per token)")
     axes.grid(alpha=0.3)
     _save(figure, axes, path)
+
+
+def _plot_against_time(jobs: list[Path], swept: list[str], path: Path) -> Path:
+    figure, axes = _new_figure()
+    for job in jobs:
+        if points := timed_curve(job):
+            values = swept_values(job)
+            label = ", ".join(f"{k}={values.get(k, '')}" for k in swept) or job.name
+            axes.plot([t / 60 for t, _ in points], [v for _, v in points], marker="o", markersize=3, label=label)
+    axes.set_xlabel("training time (minutes, from the first logged value)")
+    axes.set_ylabel("validation loss (nats per token)")
+    axes.grid(alpha=0.3)
+    _save(figure, axes, path)
+    return path
 
 
 def _plot_gradient_flow(jobs: list[Path], swept: list[str], path: Path) -> Path:

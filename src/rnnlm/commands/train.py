@@ -133,6 +133,7 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
         vocab=vocab,
         carry_state=datamodule.carries_state and cfg.task == "lm",
         answer_accuracy=cfg.data.get("scored") == "last",
+        nominal_seq_len=cfg.data.seq_len if cfg.data.get("variable_seq_len") else None,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,  # `scheduler=null` drops it
     )
