@@ -19,6 +19,7 @@ from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.eval import evaluate
 from rnnlm.commands.generate import generate_texts
 from rnnlm.commands.train import train
+from rnnlm.minrnn import MIN_CELLS
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.sampling import Stepper, generate_tokens
 from rnnlm.scoring import rank_candidates, sentence_logprobs
@@ -50,6 +51,11 @@ def test_incremental_decoding_gives_the_full_sequence_logits():
                for cell in ("rnn", "lstm", "gru") for embedding_dim in (16, None)]
     # the reset-before GRU has no torch.nn form: the stepper computes it from the textbook cells' weights
     configs.append(NetworkConfig(30, "gru", 16, 24, 2, 0.0, impl="scratch", reset_after=False))
+    # minGRU and minLSTM step without the scan that trains them, from either implementation's weights
+    configs += [NetworkConfig(30, cell, embedding_dim, 24, 3, 0.3, impl=impl)
+                for cell in MIN_CELLS for embedding_dim in (16, None) for impl in ("fused", "scratch")]
+    configs.append(NetworkConfig(30, "lstm", 16, 48, 2, 0.0, projection_size=16, tie_weights=True))
+    configs.append(NetworkConfig(30, "mingru", 16, 24, 2, 0.0, projection_size=16))
     for config in configs:
         net = LanguageModel(config).eval()
         tokens = torch.randint(0, 30, (3, 12))

@@ -21,7 +21,7 @@ from rnnlm.commands.generate import generate_texts
 from rnnlm.diagnostics import gradient_flow
 from rnnlm.minrnn import MIN_CELLS, SCAN_CHUNK, MinRecurrent
 from rnnlm.network import LanguageModel, NetworkConfig
-from rnnlm.sampling import Stepper, generate_tokens
+from rnnlm.sampling import generate_tokens
 from rnnlm.scoring import rank_candidates
 
 
@@ -165,28 +165,6 @@ def test_a_language_model_trains_and_steps_through_generation(cell):
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses
     assert generate_tokens(net, tokens[:1, :3], 9, greedy=True).tolist() == [list(range(3, 12))]
-
-
-@pytest.mark.parametrize("cell", MIN_CELLS)
-def test_incremental_decoding_gives_the_full_sequence_logits(cell):
-    """As tests/test_inference.py checks the other cells: the Stepper's recurrent steps (no scan) from the state of
-    a prompt give the logits of the whole sequence at once."""
-    torch.manual_seed(0)
-    for embedding_dim, impl, projection in ((16, "fused", None), (None, "fused", None), (16, "scratch", None),
-                                            (None, "scratch", None), (16, "fused", 16)):
-        config = NetworkConfig(30, cell, embedding_dim, 24, 3, dropout=0.3, impl=impl, projection_size=projection)
-        net = LanguageModel(config).eval()
-        tokens = torch.randint(0, 30, (3, 12))
-        with torch.no_grad():
-            full, final = net(tokens)
-            _, state = net(tokens[:, :4])
-        stepper = Stepper(net)
-        layers, steps = stepper.split_state(state), []
-        for t in range(4, 12):
-            logits, layers = stepper.step(tokens[:, t], layers)
-            steps.append(logits)
-        torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], rtol=1e-5, atol=1e-5, msg=str(config))
-        torch.testing.assert_close(stepper.join_state(layers), final, rtol=1e-5, atol=1e-5, msg=str(config))
 
 
 def test_gradient_flow_is_measured_for_min_cells():

@@ -233,6 +233,24 @@ def run_cell(cell: Cell, x: Tensor, state, reverse: bool = False, weight_drop: f
     return torch.stack(outputs, 1), state
 
 
+def run_layers(x: Tensor, num_layers: int, directions: int, between, run_direction) -> tuple[Tensor, list]:
+    """Walk a stack layer by layer: ``between(x)`` (dropout) before every layer but the first, then each
+    direction's ``run_direction(k, x, reverse) -> (outputs (B, T, H) in input order, final state)``, k = layer *
+    directions + direction -> the top layer's outputs (B, T, D*H), directions concatenated, and the final states
+    in that order (torch.nn's: layer-major, forward direction first)."""
+    finals = []
+    for layer in range(num_layers):
+        if layer > 0:
+            x = between(x)
+        outputs = []
+        for direction in range(directions):
+            out, final = run_direction(layer * directions + direction, x, direction == 1)
+            outputs.append(out)
+            finals.append(final)
+        x = torch.cat(outputs, -1) if directions == 2 else outputs[0]
+    return x, finals
+
+
 class ScratchRecurrent(nn.Module):
     """Stacked, optionally bidirectional layers of textbook cells, with ``torch.nn.RNN``'s interface.
 
@@ -260,19 +278,13 @@ class ScratchRecurrent(nn.Module):
         if state is None:
             zeros = x.new_zeros(self.num_layers * self.directions, batch, self.hidden_size)
             state = (zeros, zeros) if self.mode == "lstm" else zeros
-        finals = []
-        for layer in range(self.num_layers):
-            if layer > 0:
-                x = sequence_dropout(x, self.dropout, self.locked, self.training)
-            outputs = []
-            for direction in range(self.directions):
-                k = layer * self.directions + direction
-                start = (state[0][k], state[1][k]) if self.mode == "lstm" else state[k]
-                out, final = run_cell(self.cells[k], x, start, reverse=direction == 1,
-                                      weight_drop=self.weight_drop if self.training else 0.0)
-                outputs.append(out)
-                finals.append(final)
-            x = torch.cat(outputs, -1) if self.directions == 2 else outputs[0]
+
+        def run_direction(k: int, x: Tensor, reverse: bool):
+            start = (state[0][k], state[1][k]) if self.mode == "lstm" else state[k]
+            return run_cell(self.cells[k], x, start, reverse, self.weight_drop if self.training else 0.0)
+
+        x, finals = run_layers(x, self.num_layers, self.directions,
+                               lambda x: sequence_dropout(x, self.dropout, self.locked, self.training), run_direction)
         if self.mode == "lstm":
             return x, (torch.stack([h for h, _ in finals]), torch.stack([c for _, c in finals]))
         return x, torch.stack(finals)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnlm.cells import uniform_matrix, uniform_vector
+from rnnlm.cells import run_layers, uniform_matrix, uniform_vector
 from rnnlm.regularization import sequence_dropout
 
 MIN_CELLS = ("mingru", "minlstm")
@@ -159,17 +159,12 @@ class MinRecurrent(nn.Module):
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if state is None:
             state = x.new_zeros(self.num_layers * self.directions, x.size(0), self.hidden_size)
-        finals = []
-        for layer in range(self.num_layers):
-            if layer > 0:
-                x = sequence_dropout(x, self.dropout, self.locked, self.training)
-            outputs = []
-            for direction in range(self.directions):
-                k = layer * self.directions + direction
-                reverse = direction == 1  # reads from the end: its final state is the one after x_0
-                run = self.cells[k].scan if self.parallel else self.cells[k].loop
-                h = run(x.flip(1) if reverse else x, state[k])  # (B, T, H)
-                finals.append(h[:, -1])
-                outputs.append(h.flip(1) if reverse else h)
-            x = torch.cat(outputs, -1) if self.directions == 2 else outputs[0]
+
+        def run_direction(k: int, x: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
+            run = self.cells[k].scan if self.parallel else self.cells[k].loop
+            h = run(x.flip(1) if reverse else x, state[k])  # (B, T, H); reversed, the final state is after x_0
+            return (h.flip(1) if reverse else h), h[:, -1]
+
+        x, finals = run_layers(x, self.num_layers, self.directions,
+                               lambda x: sequence_dropout(x, self.dropout, self.locked, self.training), run_direction)
         return x, torch.stack(finals)
