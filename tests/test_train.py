@@ -1,11 +1,13 @@
 """End to end: a run trains, logs, checkpoints, resumes; bad input gets one line and a non-zero exit."""
 
+import logging
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
@@ -224,3 +226,18 @@ def test_a_seeded_run_gives_the_pinned_losses(make_cfg, tiny_corpus):
     train(cfg)
     losses = scalars(Path(cfg.paths.output_dir))["train/loss"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(PINNED_LOSSES), rtol=1e-4, atol=1e-5)
+
+
+def test_the_progress_line_counts_down_a_time_budget(make_cfg, tiny_corpus, caplog):
+    cfg = make_cfg(f"data.path={tiny_corpus}", "trainer.max_time=00:00:10:00", "trainer.max_steps=-1",
+                   "trainer.max_epochs=100000", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                   "test=false")
+    class StopAfterFourSteps(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.global_step >= 4
+
+    with caplog.at_level(logging.INFO, logger="rnnlm.callbacks"):
+        train(cfg, extra_callbacks=[StopAfterFourSteps()])
+    etas = [line.split("ETA ")[1] for line in caplog.messages if "ETA " in line]
+    # the epochs alone would take far longer than the 10 minutes that stop the run
+    assert etas and all("0:09:" in eta or "0:10:00" in eta for eta in etas), caplog.messages

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -258,8 +258,12 @@ class ProgressLog(L.Callback):
         elapsed = time.monotonic() - self._started
         parts.append(f"elapsed {_duration(elapsed)}")
         done = step - self._first_step
-        if math.isfinite(total) and done > 0 and total > step:
-            parts.append(f"ETA {_duration(elapsed / done * (total - step))}")
+        eta = elapsed / done * (total - step) if math.isfinite(total) and done > 0 and total > step else math.inf
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time
+        if timer is not None and timer.time_remaining("train") is not None:
+            eta = min(eta, max(timer.time_remaining("train"), 0.0))
+        if math.isfinite(eta):
+            parts.append(f"ETA {_duration(eta)}")
         log.info(" | ".join(parts))
 
 
