@@ -12,20 +12,24 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from rnnlm.backbone import RecurrentBackbone
+from rnnlm.checkpoint import load_checkpoint
 from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.eval import evaluate
+from rnnlm.commands.generate import generate_texts
 from rnnlm.commands.train import train
 from rnnlm.datamodule import StreamChunks
 from rnnlm.errors import ConfigError
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.ntasgd import NTASGD
 from rnnlm.regularization import activation_penalty, embedding_dropout, locked_dropout
+from rnnlm.scoring import rank_candidates
 
 # every AWD option on, at sizes that train in seconds
 AWD = ["model.locked_dropout=true", "model.input_dropout=0.3", "model.layer_dropout=0.2", "model.dropout=0.3",
        "model.embedding_dropout=0.1", "model.weight_drop=0.3", "model.activation_reg=2",
        "model.temporal_activation_reg=1", "model.num_layers=2", "data.variable_seq_len=true", "optimizer=ntasgd",
-       "optimizer.lr=5", "scheduler=none", "trainer.gradient_clip_val=0.25"]
+       "optimizer.lr=5", "scheduler=none", "trainer.gradient_clip_val=0.25",
+       "model.projection_size=16", "model.tie_weights=true"]  # TINY: embedding 16, hidden 32
 
 
 def test_locked_dropout_keeps_one_mask_for_the_whole_sequence():
@@ -201,10 +205,12 @@ def test_an_awd_run_resumes_exactly_and_its_checkpoint_holds_the_averaged_weight
                                                                                     monkeypatch, shared_data,
                                                                                     cache_dir):
     _averaging_from_the_second_validation(monkeypatch)
-    run = [*AWD, f"data.path={tiny_corpus}", "trainer.val_check_interval=4", "trainer.max_steps=16"]
+    run = [*AWD, f"data.path={tiny_corpus}", "trainer.val_check_interval=3", "trainer.max_steps=16"]
     straight = train(make_cfg(*run, run_dir=tmp_path / "straight"))
     assert straight["train/averaging"] == 1.0
-    first = train(make_cfg(*run, "trainer.max_steps=10", "test=false", run_dir=tmp_path / "first"))
+    # stopped mid-pass, on a validation step (one between them would validate its final weights too, and so
+    # could keep another best.ckpt than the straight run), three steps after the averaging began
+    first = train(make_cfg(*run, "trainer.max_steps=9", "test=false", run_dir=tmp_path / "first"))
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     resumed = train(make_cfg(*run, f"ckpt_path={last}", run_dir=tmp_path / "rest"))
     # weights, averages, the pass's cuts, the carried state and the masks all continue where they were
@@ -219,6 +225,14 @@ def test_an_awd_run_resumes_exactly_and_its_checkpoint_holds_the_averaged_weight
         cfg = compose("eval", overrides=[f"ckpt_path={last}", "split=valid", "device=cpu",
                                          f"paths.data_dir={shared_data}", f"paths.cache_dir={cache_dir}"])
     assert evaluate(cfg)["loss"] == pytest.approx(first["val/loss"], rel=1e-5)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # generation and scoring read it too
+        cfg = compose("generate", overrides=[f"ckpt_path={last}", "prompt=the quick", "max_new_tokens=12",
+                                             "num_samples=2", "device=cpu"])
+    texts = generate_texts(cfg)
+    assert len(texts) == 2 and all(t.startswith("the quick") and len(t) == 9 + 12 for t in texts)
+    loaded = load_checkpoint(last)
+    ranked = rank_candidates(loaded.net, loaded.vocab, "the quick brown ___ jumps", ["fox", "dog"])
+    assert sorted(c for c, _, _ in ranked) == ["dog", "fox"]
 
 
 def test_variable_length_steps_scale_the_learning_rate(make_cfg, tiny_corpus):
