@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from helpers import REPO
-from rnnlm.commands.report import curves, timed_curve, write_report
+from rnnlm.commands.report import curves, swept_values, timed_curve, write_report
 
 SMALL = ["model.embedding_dim=8", "model.num_layers=1", "data.seq_len=8", "data.batch_size=4",
          "data.eval_batch_size=2", "trainer.max_steps=3", "test=false", "trainer.accelerator=cpu",
@@ -64,3 +64,12 @@ def test_submitit_local_launcher_runs_jobs(tmp_path, tiny_corpus, cache_dir):
 def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="holds no job folders"):
         write_report(tmp_path)
+
+
+def test_report_shows_overrides_as_typed(tmp_path):
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    # what Hydra writes for `trainer.max_time=00:00:35:00 model=gru hydra.run.dir=x`
+    (job / ".hydra" / "overrides.yaml").write_text("- trainer.max_time=00\\:00\\:35\\:00\n- model=gru\n"
+                                                   "- hydra.run.dir=x\n")
+    assert swept_values(job) == {"trainer.max_time": "00:00:35:00", "model": "gru"}

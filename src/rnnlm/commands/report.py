@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def swept_values(job: Path) -> dict[str, str]:
     for item in overrides:
         key, _, value = str(item).partition("=")
         if not key.lstrip("+~").startswith(SKIPPED_OVERRIDES):
-            values[key] = value
+            values[key] = re.sub(r"\\(.)", r"\1", value)  # as typed: Hydra escapes ':' and the like (00\:35\:00)
     return values
 
 
