@@ -121,8 +121,9 @@ class MinCell(nn.Module):
         """x (B, T, I) from h_0 (B, H) -> h (B, T, H), one step after another, in ordinary space."""
         a, b = coefficients(self.cell, F.linear(x, *self.stacked()))  # the gates read x alone: all steps at once
         h, hs = h0, []
-        for t in range(x.size(1)):
-            h = a[:, t] * h + b[:, t]  # h_t = a_t∘h_{t-1} + b_t
+        # unbound once: the backward of indexing a[:, t] would write a zero-filled (B, T, H) gradient at every step
+        for a_t, b_t in zip(a.unbind(1), b.unbind(1), strict=True):
+            h = a_t * h + b_t  # h_t = a_t∘h_{t-1} + b_t
             hs.append(h)
         return torch.stack(hs, 1)
 
