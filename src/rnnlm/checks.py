@@ -95,6 +95,11 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.seed is not None and (not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool)):
         problems.append(f"seed={cfg.seed} must be an integer (or null for a random one)")
     positive_number(problems, "optimizer.lr", cfg.optimizer.lr)
+    if "nonmono" in cfg.optimizer:  # optimizer=ntasgd
+        positive_integer(problems, "optimizer.nonmono", cfg.optimizer.nonmono)
+    decay = cfg.optimizer.get("weight_decay", 0.0)
+    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not decay >= 0:
+        problems.append(f"optimizer.weight_decay={decay} must be a number >= 0")
     if str(cfg.trainer.accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append(f"trainer.accelerator={cfg.trainer.accelerator} but no GPU is available: use trainer=cpu, "
                         "or trainer=default (a GPU when there is one)")
