@@ -140,6 +140,7 @@ def test_language_model_options_reach_the_network():
     ({"input_dropout": -0.1}, r"model.input_dropout=-0.1 must be in \[0, 1\)"),
     ({"hidden_size": 32, "embedding_dim": 8, "tie_weights": True}, "model.projection_size=8"),
     ({"projection_size": 0}, "model.projection_size=0 must be a positive integer"),
+    ({"locked_dropout": "yes"}, "model.locked_dropout=yes must be true or false"),
 ])
 def test_bad_regularizer_settings_are_refused_with_the_fix(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -142,6 +142,8 @@ class NetworkConfig:
             value = getattr(model, key, None)  # settings from before an option existed lack it
             if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
                 problems.append(f"model.{key}={value} must be in [0, 1)")
+        if not isinstance(getattr(model, "locked_dropout", False), bool):
+            problems.append(f"model.locked_dropout={model.locked_dropout} must be true or false")
         if getattr(model, "weight_drop", 0) and model.cell in MIN_CELLS:
             problems.append(f"model.weight_drop drops hidden-to-hidden weights, which {model.cell} does not have "
                             "(its gates read only the input): set model.weight_drop=0")
