@@ -82,9 +82,11 @@ def test_resume_with_other_model_or_data_is_refused(make_cfg, tiny_corpus, tmp_p
         train(make_cfg(f"data.path={tiny_corpus}", "optimizer=sgd", f"ckpt_path={last}", run_dir=tmp_path / "b"))
     with pytest.raises(CheckpointError, match="data.corpus=alice"):
         train(make_cfg("data.corpus=alice", "data.path=null", f"ckpt_path={last}", run_dir=tmp_path / "c"))
+    with pytest.raises(CheckpointError, match="is at step 4, so trainer.max_steps=4 is reached already"):
+        train(make_cfg(f"data.path={tiny_corpus}", f"ckpt_path={last}", run_dir=tmp_path / "c"))
     tiny_corpus.write_text("an other text entirely\n" * 200)  # the same file, changed since
     with pytest.raises(CheckpointError, match="different vocabulary"):
-        train(make_cfg(f"data.path={tiny_corpus}", f"ckpt_path={last}", run_dir=tmp_path / "c"))
+        train(make_cfg(f"data.path={tiny_corpus}", f"ckpt_path={last}", "trainer.max_steps=8", run_dir=tmp_path / "c"))
     (tmp_path / "cut.ckpt").write_bytes(last.read_bytes()[:4000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         train(make_cfg(f"data.path={tiny_corpus}", f"ckpt_path={tmp_path / 'cut.ckpt'}", run_dir=tmp_path / "d"))

@@ -117,6 +117,10 @@ def test_ckpt_path_alone_resumes_with_the_runs_own_settings(make_cfg, tiny_corpu
         with pytest.raises(CheckpointError, match=message + ".*drop them to resume"):
             typed = [f"ckpt_path={last}", refused]
             resume_config(make_cfg(*typed, run_dir=tmp_path / "c"), typed)
+    with pytest.raises(CheckpointError, match=r"is at step 7, so trainer.max_steps=7 is reached already: raise "
+                                              "trainer.max_steps"):
+        typed = [f"ckpt_path={tmp_path / 'b' / 'checkpoints' / 'last.ckpt'}"]  # its max_steps: 7, done
+        resume_config(make_cfg(*typed, run_dir=tmp_path / "e"), typed)
     # the learning rate may change (e.g. after a divergence), and it does apply
     lowered = [f"ckpt_path={last}", "optimizer.lr=0.0005", "trainer.max_steps=6"]
     metrics = train(resume_config(make_cfg(*lowered, run_dir=tmp_path / "d"), lowered), overrides=lowered)
@@ -150,10 +154,10 @@ def test_ckpt_path_last_takes_the_newest_run_of_the_settings_asked_for(make_cfg,
     train(make_cfg(f"data.path={tiny_corpus}", "test=false", logs, "model=gru", run_dir=runs / "gru"))
     time.sleep(0.05)
     train(make_cfg(f"data.path={tiny_corpus}", "test=false", logs, run_dir=runs / "lstm"))
-    typed = ["ckpt_path=last", "model=gru"]
+    typed = ["ckpt_path=last", "model=gru", "trainer.max_steps=8"]  # on from step 4
     cfg = resume_config(make_cfg(*typed, f"data.path={tiny_corpus}", logs, run_dir=runs / "new"), typed)
     assert cfg.ckpt_path == str(runs / "gru" / "checkpoints" / "last.ckpt") and cfg.model.cell == "gru"
-    typed = ["ckpt_path=last"]
+    typed = ["ckpt_path=last", "trainer.max_steps=8"]
     cfg = resume_config(make_cfg(*typed, f"data.path={tiny_corpus}", logs, run_dir=runs / "new"), typed)
     assert cfg.ckpt_path == str(runs / "lstm" / "checkpoints" / "last.ckpt")
     typed = ["ckpt_path=last", "model=rnn"]

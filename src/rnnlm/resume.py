@@ -123,7 +123,8 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
             ``cfg`` must agree with the checkpoint wherever a resumed run may not change.
 
     Raises:
-        CheckpointError: no such checkpoint, or a setting that may not change on resume differs.
+        CheckpointError: no such checkpoint, a setting that may not change on resume differs, or the checkpoint
+            has reached ``trainer.max_steps`` already (the run would only test).
     """
     selectors = None if overrides is None else typed_keys(overrides)
     if cfg.ckpt_path == "last":
@@ -147,6 +148,10 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
                 changed = [k for k in diffs if _under(k, [key])]
                 for target in changed if key in PRESETS else [key] if changed else []:
                     _assign(result, target, OmegaConf.select(cfg, target, default=_ABSENT))
+    step, max_steps = checkpoint.get("global_step"), result.trainer.max_steps
+    if isinstance(step, int) and isinstance(max_steps, int) and 0 <= max_steps <= step:  # -1: no limit
+        raise CheckpointError(f"{path} is at step {step}, so trainer.max_steps={max_steps} is reached already: "
+                              f"raise trainer.max_steps to train on (rnnlm-eval ckpt_path=... evaluates it as it is)")
     log.info("Resuming %s", describe(path, checkpoint))
     result = result.copy()
     result.ckpt_path = str(path)
