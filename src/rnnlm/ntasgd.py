@@ -53,8 +53,9 @@ class NTASGD(torch.optim.Optimizer):
                     continue
                 p.add_(p.grad if not group["weight_decay"] else p.grad + group["weight_decay"] * p, alpha=-group["lr"])
                 if self.averaging:
-                    average = self.state[p].setdefault("average", p.detach().clone())
-                    average.add_(p - average, alpha=1 / first["averaged_steps"])
+                    if "average" not in self.state[p]:  # the first averaged step: the average is this iterate
+                        self.state[p]["average"] = p.detach().clone()
+                    self.state[p]["average"].lerp_(p, 1 / first["averaged_steps"])  # += (p - average) / n
         return loss
 
     def observe(self, val_loss: float) -> bool:
