@@ -11,6 +11,7 @@ is re-run: each job's ``run_summary.json`` and its TensorBoard events (or ``csv/
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import re
@@ -41,6 +42,7 @@ def swept_values(job: Path) -> dict[str, str]:
     return values
 
 
+@functools.cache  # the table and every figure read a job's events: once per report
 def _events(job: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -130,8 +132,10 @@ def varying_overrides(jobs: list[Path]) -> tuple[list[str], dict[str, str]]:
 
 
 def write_report(sweep: Path) -> list[Path]:
-    """Write summary.csv, summary.md and curves.png into ``sweep`` (and gradient_flow.png when its jobs measured
-    it, ``callbacks=diagnostics``); return their paths."""
+    """Write summary.csv, summary.md and curves.png into ``sweep`` (and curves_time.png from TensorBoard events,
+    gradient_flow.png when its jobs measured it, ``callbacks=diagnostics``, answer_accuracy.png for a sweep over
+    data.recall's distance); return their paths."""
+    _events.cache_clear()  # the runs may have logged more since an earlier report in this process
     jobs = job_dirs(sweep)
     if not jobs:
         raise SystemExit(f"error: {sweep} holds no job folders (each has .hydra/config.yaml): give a sweep folder")
