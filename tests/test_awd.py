@@ -279,6 +279,7 @@ def test_awd_activation_penalty_is_optimized_but_not_logged_as_the_loss(make_cfg
 @pytest.mark.parametrize("overrides, message", [
     (["data.variable_seq_len=true", "data.mode=sentence"], "use data.mode=stream"),
     (["data.variable_seq_len=true", "data.seq_len=6"], "set data.seq_len=10 or more"),
+    (["data.variable_seq_len=yes"], "data.variable_seq_len=yes must be true or false"),
     (["model.activation_reg=-1"], "model.activation_reg=-1 must be a number >= 0"),
     (["optimizer=ntasgd", "optimizer.nonmono=0"], "optimizer.nonmono=0 must be a positive integer"),
     (["optimizer=ntasgd", "optimizer.weight_decay=-1"], "optimizer.weight_decay=-1 must be a number >= 0"),

@@ -55,7 +55,9 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("seq_len", "batch_size", "eval_batch_size", "min_freq"):
         positive_integer(problems, f"data.{key}", data[key])
     positive_integer(problems, "data.max_size", data.max_size, allow_none=True)
-    if data.get("variable_seq_len"):
+    if not isinstance(data.get("variable_seq_len", False), bool):
+        problems.append(f"data.variable_seq_len={data.variable_seq_len} must be true or false")
+    elif data.get("variable_seq_len"):
         if data.mode != "stream":
             problems.append("data.variable_seq_len=true varies the length of stream chunks: use data.mode=stream")
         elif isinstance(data.seq_len, int) and data.seq_len < 10:
