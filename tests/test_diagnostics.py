@@ -4,14 +4,18 @@ import csv
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import rnnlm.cells
 from helpers import REPO, scalars
 from rnnlm.commands.report import write_report
 from rnnlm.commands.train import train
-from rnnlm.diagnostics import gradient_flow
+from rnnlm.diagnostics import GradientFlow, gradient_flow
+from rnnlm.errors import ConfigError
+from rnnlm.minrnn import MinCell
 from rnnlm.network import LanguageModel, NetworkConfig
 
 
@@ -36,6 +40,58 @@ def test_the_norms_are_the_gradients_of_the_last_loss_through_each_hidden_state(
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(expected))
     assert gates == {}  # a vanilla RNN has none
     assert all(p.grad is None for p in net.parameters())  # training's gradients untouched
+
+
+def _stepwise_reference(net: LanguageModel, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """g_k by autograd through the network's own forward (``net(inputs)``: embedding, every layer, projection,
+    decoder), with each layer of a scratch network stepped one token at a time, so that layer l's h_t is one
+    node, read by layer l+1 at step t and by layer l at step t+1; the gradient reaching it is ∂L/∂h_t."""
+    recorded: list[list[torch.Tensor]] = []  # per layer, per step
+    run_cell, loop = rnnlm.cells.run_cell, MinCell.loop
+
+    def cell_by_steps(cell, x, state, reverse=False, weight_drop=0.0):
+        hs = []
+        for t in range(x.size(1)):
+            out, state = run_cell(cell, x[:, t : t + 1], state)
+            h = out[:, 0]  # the LSTM's next state reads this node too, not a copy of it
+            state = (h, state[1]) if isinstance(state, tuple) else h
+            hs.append(h)
+        recorded.append(hs)
+        return torch.stack(hs, 1), state
+
+    def min_cell_by_steps(self, x, h):
+        hs = []
+        for t in range(x.size(1)):
+            h = loop(self, x[:, t : t + 1], h)[:, 0]
+            hs.append(h)
+        recorded.append(hs)
+        return torch.stack(hs, 1)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rnnlm.cells, "run_cell", cell_by_steps)
+        patch.setattr(MinCell, "loop", min_cell_by_steps)
+        net.eval()
+        logits, _ = net(inputs)
+    loss = torch.nn.functional.cross_entropy(logits[:, -1], targets[:, -1])
+    grads = torch.autograd.grad(loss, [h for layer in recorded for h in layer])
+    steps = inputs.size(1)
+    per_step = torch.stack([g.square().sum() for g in grads]).view(len(recorded), steps).sum(0).sqrt()
+    return per_step.flip(0).tolist()  # k = 0 first
+
+
+@pytest.mark.parametrize("projection_size", [None, 12, 16], ids=lambda p: f"projection{p}")
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru", "mingru", "minlstm"])
+def test_the_flow_is_the_gradient_through_every_layer_of_the_whole_network(cell, num_layers, projection_size):
+    fused = _net(cell, num_layers=num_layers, projection_size=projection_size).double()
+    scratch = _net(cell, impl="scratch", num_layers=num_layers, projection_size=projection_size).double()
+    scratch.load_state_dict(fused.state_dict(), strict=False)
+    scratch.backbone.load_fused_state_dict(fused.backbone.fused_state_dict())
+    inputs, targets = torch.randint(0, 20, (3, 9)), torch.randint(0, 20, (3, 9))
+    expected = torch.tensor(_stepwise_reference(scratch, inputs, targets), dtype=torch.float64)
+    for net in (fused, scratch):
+        norms, _ = gradient_flow(net, inputs, targets)
+        torch.testing.assert_close(torch.tensor(norms, dtype=torch.float64), expected, rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
@@ -77,6 +133,26 @@ def test_training_with_diagnostics_logs_the_flow_and_the_gates(make_cfg, tiny_co
     logged = scalars(run)
     assert len(logged["diagnostics/grad_ratio"]) == 2
     assert {f"diagnostics/saturated_{gate}" for gate in ("input", "forget", "output")} <= set(logged)
+
+
+def test_the_awd_lstm_preset_trains_with_diagnostics(make_cfg, tiny_corpus, tmp_path):
+    # its decoder reads a projection of the top layer (narrower than the layer), tied to the embedding
+    run = tmp_path / "run"
+    train(make_cfg("experiment=ptb_awd_lstm", f"data.path={tiny_corpus}", "model.num_layers=2",
+                   "model.projection_size=16", "callbacks=diagnostics", "callbacks.gradient_flow.every_n_steps=2",
+                   "test=false", run_dir=run))
+    with open(run / "gradient_flow.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted({int(r["step"]) for r in rows}) == [2, 4]
+    assert all(float(r["grad_norm"]) > 0 for r in rows)
+
+
+def test_a_bidirectional_model_is_refused_before_any_step(tmp_path):
+    net = _net("lstm", bidirectional=True)
+    with pytest.raises(ConfigError, match=r"callbacks=diagnostics .*\(model\.bidirectional=true\)"):
+        GradientFlow(str(tmp_path)).setup(None, SimpleNamespace(net=net), "fit")
+    with pytest.raises(ValueError, match="bidirectional"):
+        gradient_flow(net, torch.randint(0, 20, (2, 5)), torch.randint(0, 20, (2, 5)))
 
 
 def test_the_vanishing_experiment_sweeps_three_cells_and_the_report_draws_them(tmp_path, shared_data, cache_dir):

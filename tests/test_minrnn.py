@@ -1,7 +1,10 @@
 """minGRU and minLSTM: the parallel scan computes the step-by-step recurrence (outputs, state and gradients), the
-equations themselves on a case worked by hand, carried state, long sequences, generation, and a run through the
-real config (train, eval, generate, score)."""
+equations themselves on a case worked by hand, carried state, long sequences, extreme pre-activations, generation,
+and a run through the real config (train, eval, generate, score)."""
 
+import dataclasses
+import decimal
+import itertools
 import math
 import os
 import subprocess
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from helpers import REPO, TINY
@@ -19,9 +23,9 @@ from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.eval import evaluate
 from rnnlm.commands.generate import generate_texts
 from rnnlm.diagnostics import gradient_flow
-from rnnlm.minrnn import MIN_CELLS, SCAN_CHUNK, MinRecurrent
+from rnnlm.minrnn import GATES, MIN_CELLS, SCAN_CHUNK, MinRecurrent
 from rnnlm.network import LanguageModel, NetworkConfig
-from rnnlm.sampling import generate_tokens
+from rnnlm.sampling import Stepper, generate_tokens
 from rnnlm.scoring import rank_candidates
 
 
@@ -133,6 +137,108 @@ def test_long_sequences_stay_finite_with_finite_gradients(cell):
     (outputs.mean() + state.mean()).backward()
     assert torch.isfinite(outputs).all() and torch.isfinite(state).all() and (outputs > 0).all()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(w.grad).all() for w in stack.parameters())
+
+
+# Gate and candidate pre-activations far out: σ(k) rounds to 0 in float32 below about -88, where minLSTM's
+# f / (f + i) is 0/0, and a gate of -1000 or +100 adds ~1000 or ~100 per step to the scan's prefix sums.
+EXTREMES = {"-100": (-100.0,), "-1000": (-1000.0,), "+100": (100.0,), "mix": (-1000.0, -100.0, 0.0, 100.0)}
+
+
+def _extreme_model(cell: str, values: tuple[float, ...]) -> LanguageModel:
+    """A one-layer model with one unit per combination of ``values`` across the gates (the candidate's too), as
+    biases. Weights and embeddings are multiples of 1/2 (W_x x within ±4 in steps of 1/4), so that every
+    implementation computes the same pre-activations, exactly."""
+    gates = GATES[cell]
+    combinations = list(itertools.product(values, repeat=len(gates)))
+    torch.manual_seed(0)
+    net = LanguageModel(NetworkConfig(11, cell, 4, len(combinations), 1, dropout=0.0)).eval()
+    min_cell = net.backbone.rnn.cells[0]
+    with torch.no_grad():
+        net.embedding.weight.copy_(torch.randint(-2, 3, net.embedding.weight.shape) / 2)
+        for n, gate in enumerate(gates):
+            weight = getattr(min_cell, f"W_x{gate}")
+            weight.copy_(torch.randint(-2, 3, weight.shape) / 2)
+            getattr(min_cell, f"b_{gate}").copy_(torch.tensor([values[n] for values in combinations]))
+    return net
+
+
+def _textbook(cell: str, pre: torch.Tensor) -> torch.Tensor:
+    """The paper's equations step by step from h_0 = 0, with σ, f / (f + i) and all, in 40-digit decimal arithmetic
+    (no underflow, no 0/0): pre-activations (B, T, G*H) -> h (B, T, H), rounded to float64."""
+    gates = len(GATES[cell])
+    batch, steps, hidden = pre.size(0), pre.size(1), pre.size(2) // gates
+    out = torch.empty(batch, steps, hidden, dtype=torch.float64)
+    with decimal.localcontext() as context:
+        context.prec = 40
+        one, half = decimal.Decimal(1), decimal.Decimal("0.5")
+
+        def sigmoid(k):
+            return one / (one + (-k).exp())
+
+        def g(k):
+            return k + half if k >= 0 else sigmoid(k)
+
+        for b, j in itertools.product(range(batch), range(hidden)):
+            h = decimal.Decimal(0)
+            for t in range(steps):
+                k = [decimal.Decimal(pre[b, t, n * hidden + j].item()) for n in range(gates)]  # exact: floats
+                if cell == "mingru":
+                    z = sigmoid(k[0])
+                    h = (one - z) * h + z * g(k[1])
+                else:
+                    f, i = sigmoid(k[0]), sigmoid(k[1])
+                    h = f / (f + i) * h + i / (f + i) * g(k[2])
+                out[b, t, j] = float(h)
+    return out
+
+
+@pytest.mark.parametrize("cell", MIN_CELLS)
+@pytest.mark.parametrize("case", EXTREMES)
+def test_extreme_pre_activations_give_the_textbook_states_in_every_implementation(cell, case):
+    fused = _extreme_model(cell, EXTREMES[case])
+    scratch = LanguageModel(dataclasses.replace(fused.config, impl="scratch")).eval()
+    scratch.load_state_dict(fused.state_dict())  # one state dict loads into either
+    tokens = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pre = F.linear(fused.embed(tokens), *fused.backbone.rnn.cells[0].stacked())  # (B, T, G*H)
+    expected = _textbook(cell, pre)
+    stepper = Stepper(fused)  # generation's recurrent step, from zeros
+    layers, stepped = stepper.split_state(torch.zeros(1, 2, fused.config.hidden_size)), []
+    for token in tokens.unbind(1):
+        _, layers = stepper.step(token, layers)
+        stepped.append(layers[0])
+    got = {"scan": fused.features_and_outputs(tokens)[2], "loop": scratch.features_and_outputs(tokens)[2],
+           "generation": torch.stack(stepped, 1)}
+    for name, h in got.items():
+        assert torch.isfinite(h).all(), name
+        torch.testing.assert_close(h.double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(got["loop"], got["scan"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["generation"], got["loop"], rtol=1e-5, atol=1e-5)
+    for net, h in ((fused, got["scan"]), (scratch, got["loop"])):  # and training can go on from there
+        gradients = torch.autograd.grad(h.sum(), list(net.backbone.parameters()))
+        assert all(torch.isfinite(gradient).all() for gradient in gradients)
+
+
+@pytest.mark.parametrize("impl", ["fused", "scratch"])
+def test_a_minlstm_whose_gates_are_shut_generates(impl):
+    """Both gates' biases at -200: σ rounds both to 0 in float32, and generation goes on."""
+    torch.manual_seed(0)
+    net = LanguageModel(NetworkConfig(12, "minlstm", 16, 32, 2, dropout=0.0, impl=impl))
+    with torch.no_grad():
+        for min_cell in net.backbone.rnn.cells:
+            min_cell.b_f.fill_(-200.0)
+            min_cell.b_i.fill_(-200.0)
+    prompt = torch.arange(4).repeat(2, 1)  # (2, 4)
+    # sampled, so that a NaN probability would raise
+    tokens = generate_tokens(net, prompt, 6, generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (2, 6)
+    logits, state = net.eval()(prompt)
+    stepper = Stepper(net)
+    layers = stepper.split_state(state)
+    assert torch.isfinite(logits).all() and torch.isfinite(state).all()
+    for token in tokens.unbind(1):
+        logits, layers = stepper.step(token, layers)
+        assert torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("cell", MIN_CELLS)

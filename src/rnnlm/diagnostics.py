@@ -6,10 +6,14 @@ chunk, the gradient of the chunk's last prediction's loss with respect to every 
 
     g_k = ‖∂L_T / ∂h_{T-k}‖,  k = 0 .. T-1   (h: every layer's hidden state at one step)
 
-A vanilla RNN's g_k falls by orders of magnitude within tens of steps; the gates of LSTM and GRU keep it.
-The network is stepped one token at a time (eval mode, so no dropout) to make each h_t a node of the
-graph: this works for ``impl=fused`` and ``impl=scratch`` alike, and gradients are taken with
-``torch.autograd.grad``, so the training's own gradients are never touched.
+The loss is the network's own (embedding, every layer, the projection if any, the decoder), and ∂L_T/∂h_t of
+layer l counts every path from that state to the loss: through layer l's later steps and through the layers
+above it at step t and after. A vanilla RNN's g_k falls by orders of magnitude within tens of steps; the gates of
+LSTM and GRU keep it. Each layer is stepped one token at a time on its own (eval mode, so no dropout), with its
+own weights and code, to make each layer's h_t one node of the graph: this works for ``impl=fused`` and
+``impl=scratch`` alike and for every cell, and gradients are taken with ``torch.autograd.grad``, so the
+training's own gradients are never touched. A bidirectional model has no such chain (its backward direction
+reads the future): the callback refuses it when training starts.
 """
 
 from __future__ import annotations
@@ -23,65 +27,107 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from rnnlm.backbone import RecurrentBackbone
+from rnnlm.cells import ScratchRecurrent, run_cell
+from rnnlm.errors import ConfigError
+from rnnlm.minrnn import MIN_CELLS
 from rnnlm.network import LanguageModel
 
 # torch.nn's gate order in the stacked weights; the sigmoid gates are those worth watching
 GATES = {"lstm": ("input", "forget", "cell", "output"), "gru": ("reset", "update", "candidate")}
 SIGMOID_GATES = {"lstm": ("input", "forget", "output"), "gru": ("reset", "update")}
 SATURATED = 0.05  # a sigmoid gate within this of 0 or 1 blocks or passes nearly everything
+BIDIRECTIONAL = ("callbacks=diagnostics measures how far back through time a causal model's last prediction "
+                 "reaches, and a bidirectional model (model.bidirectional=true) also reads the future: drop "
+                 "callbacks=diagnostics for this model")
 
 
 def gradient_flow(net: LanguageModel, inputs: Tensor, targets: Tensor) -> tuple[list[float], dict[str, Tensor]]:
-    """``[g_0, ..., g_{T-1}]`` for the chunk ``inputs`` (B, T) (the loss: the mean cross-entropy of
-    ``targets[:, -1]`` from the top layer's last hidden state), and the sigmoid gates' activations of every
-    layer, step, row and unit by gate name (empty for a vanilla RNN, minGRU and minLSTM: their gates are not
-    among those watched).
+    """``[g_0, ..., g_{T-1}]`` for the chunk ``inputs`` (B, T), and the sigmoid gates' activations of every step,
+    layer, row and unit by gate name, each (T, layers, B, H) (empty for a vanilla RNN, minGRU and minLSTM: their
+    gates are not among those watched).
+
+    The loss is the network's own: the mean cross-entropy of ``targets[:, -1]`` from the top layer's last output,
+    through the projection (if any) and the decoder. ``g_k`` is the norm, over all layers together, of the
+    gradient reaching each layer's h_{T-k}: from layer l's own next step and from layer l+1 at the same step
+    (each layer is stepped on its own, so that both paths leave one node).
 
     Raises:
         ValueError: a bidirectional network (its backward direction reads the future: no such chain).
     """
     if net.bidirectional:
-        raise ValueError("gradient flow through time is measured for causal models, not bidirectional ones")
+        raise ValueError(BIDIRECTIONAL)
     backbone, cell = net.backbone, net.config.cell
     was_training = net.training
-    net.eval()
+    net.eval()  # no dropout: between layers and before the projection, what eval mode computes is the identity
     try:
         with torch.enable_grad():
             x = net.embed(inputs)  # (B, T, E)
             weights = backbone.fused_state_dict(strict=False) if cell in GATES else {}
-            state, hidden, gates = None, [], {name: [] for name in SIGMOID_GATES.get(cell, ())}
+            states = [None] * backbone.num_layers  # each layer's state after the last step: h, or (h, c)
+            hidden, gates = [], {name: [] for name in SIGMOID_GATES.get(cell, ())}
             for t in range(inputs.size(1)):
-                previous = state
-                _, state = backbone(x[:, t : t + 1], state)
-                h = state[0] if cell == "lstm" else state  # (layers, B, H)
-                hidden.append(h)
-                if weights:
-                    with torch.no_grad():
-                        for name, value in _gates(cell, weights, x[:, t], h, previous).items():
-                            gates[name].append(value)
-            top = hidden[-1][-1]  # (B, H): the top layer after the last token
-            loss = torch.nn.functional.cross_entropy(net.logits(top), targets[:, -1])
-            grads = torch.autograd.grad(loss, hidden, allow_unused=True)
+                layer_input, row, opened = x[:, t], [], {name: [] for name in gates}
+                for k in range(backbone.num_layers):
+                    if weights:
+                        with torch.no_grad():
+                            for name, value in _gates(cell, weights, k, layer_input, states[k]).items():
+                                opened[name].append(value)
+                    h, states[k] = _layer_step(backbone, k, layer_input, states[k])  # h: (B, H)
+                    row.append(h)
+                    layer_input = h  # the one node that layer k+1 reads now and layer k reads at t+1
+                hidden.append(row)
+                for name, values in opened.items():
+                    gates[name].append(torch.stack(values))  # (layers, B, H)
+            top = hidden[-1][-1].unsqueeze(1)  # (B, 1, H): the top layer after the last token
+            features = top if net.projection is None else net.projection(top)
+            total, count = net.summed_loss(features, targets[:, -1:])
+            loss = total / count.clamp(min=1)
+            states_in_order = [h for row in hidden for h in row]  # step-major: h_0 of every layer, h_1, ...
+            grads = torch.autograd.grad(loss, states_in_order, allow_unused=True)
     finally:
         net.train(was_training)
-    norms = [0.0 if g is None else float(g.norm()) for g in reversed(grads)]  # k = 0 first
-    return norms, {name: torch.stack(values) for name, values in gates.items()}
+    squares = torch.stack([h.new_zeros((), dtype=torch.float64) if g is None else g.double().square().sum()
+                           for g, h in zip(grads, states_in_order, strict=True)])
+    norms = squares.view(len(hidden), backbone.num_layers).sum(1).sqrt().flip(0)  # k = 0 first
+    return norms.tolist(), {name: torch.stack(values) for name, values in gates.items()}
 
 
-def _gates(cell: str, weights: dict[str, Tensor], x: Tensor, h: Tensor, previous) -> dict[str, Tensor]:
-    """The sigmoid gates of every layer at one step: (layers, B, H) each. Layer k reads layer k-1's new state
-    (the layer input) and its own previous one (zeros at the chunk's start)."""
-    layers = h.size(0)
-    before = torch.zeros_like(h) if previous is None else (previous[0] if cell == "lstm" else previous)
-    out = {name: [] for name in SIGMOID_GATES[cell]}
-    for k in range(layers):
-        layer_input = x if k == 0 else h[k - 1]
-        input_part = layer_input @ weights[f"weight_ih_l{k}"].t() + weights[f"bias_ih_l{k}"]
-        hidden_part = before[k] @ weights[f"weight_hh_l{k}"].t() + weights[f"bias_hh_l{k}"]
-        blocks = dict(zip(GATES[cell], (input_part + hidden_part).chunk(len(GATES[cell]), -1), strict=True))
-        for name in SIGMOID_GATES[cell]:  # reset and update read x and h alike in both GRU forms
-            out[name].append(torch.sigmoid(blocks[name]))
-    return {name: torch.stack(values) for name, values in out.items()}
+def _layer_step(backbone: RecurrentBackbone, k: int, x: Tensor, state) -> tuple[Tensor, object]:
+    """Layer k of ``backbone`` on one step, with its own weights and code: x (B, I) and the layer's state (None:
+    zeros) -> its new h (B, H) and its new state, which holds that same h (and, for an LSTM, the cell state)."""
+    rnn, cell = backbone.rnn, backbone.cell
+    if state is None:
+        zeros = x.new_zeros(x.size(0), backbone.hidden_size)
+        state = (zeros, zeros) if cell == "lstm" else zeros
+    if cell in MIN_CELLS:  # the scan (impl=fused) or the loop (impl=scratch), over a single step
+        layer = rnn.cells[k]
+        h = (layer.scan if rnn.parallel else layer.loop)(x.unsqueeze(1), state)[:, 0]
+        return h, h
+    if isinstance(rnn, ScratchRecurrent):  # the textbook cell, over a single step
+        out, final = run_cell(rnn.cells[k], x.unsqueeze(1), state)
+        h = out[:, 0]
+        return h, ((h, final[1]) if cell == "lstm" else h)
+    # torch.nn's one-step kernel (what nn.LSTMCell and its kin call) on the stack's parameters of layer k
+    weights = [getattr(rnn, f"{kind}_l{k}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    if cell == "lstm":
+        h, c = torch.lstm_cell(x, state, *weights)
+        return h, (h, c)
+    kernel = {"gru": torch.gru_cell, "tanh": torch.rnn_tanh_cell, "relu": torch.rnn_relu_cell}
+    h = kernel["gru" if cell == "gru" else backbone.nonlinearity](x, state, *weights)
+    return h, h
+
+
+def _gates(cell: str, weights: dict[str, Tensor], k: int, x: Tensor, state) -> dict[str, Tensor]:
+    """The sigmoid gates of layer k at one step, (B, H) each, from its input x (B, I) and its state before the
+    step (None at the chunk's start: zeros)."""
+    w_hh = weights[f"weight_hh_l{k}"]
+    before = x.new_zeros(x.size(0), w_hh.size(1)) if state is None else (state[0] if cell == "lstm" else state)
+    input_part = x @ weights[f"weight_ih_l{k}"].t() + weights[f"bias_ih_l{k}"]
+    hidden_part = before @ w_hh.t() + weights[f"bias_hh_l{k}"]
+    blocks = dict(zip(GATES[cell], (input_part + hidden_part).chunk(len(GATES[cell]), -1), strict=True))
+    # reset and update read x and h alike in both GRU forms
+    return {name: torch.sigmoid(blocks[name]) for name in SIGMOID_GATES[cell]}
 
 
 class GradientFlow(L.Callback):
@@ -96,9 +142,18 @@ class GradientFlow(L.Callback):
         self.path = Path(output_dir) / "gradient_flow.csv"
         self.every_n_steps, self.rows = every_n_steps, rows
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuse a bidirectional model before any step (:func:`gradient_flow` cannot measure it).
+
+        Raises:
+            ConfigError: ``model.bidirectional=true``.
+        """
+        if pl_module.net.bidirectional:
+            raise ConfigError(BIDIRECTIONAL)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps or not trainer.is_global_zero or pl_module.net.bidirectional:
+        if step % self.every_n_steps or not trainer.is_global_zero:
             return
         inputs, targets = (t[: self.rows] for t in batch)
         norms, gates = gradient_flow(pl_module.net, inputs, targets)

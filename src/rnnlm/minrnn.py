@@ -19,7 +19,9 @@ Both cells are one linear recurrence per unit, ``h_t = a_t∘h_{t-1} + b_t``, wi
 Training runs the recurrence as a parallel scan in log space (Heinsen 2023, arXiv 2311.06281): with
 ``a*_t = Σ_{s<=t} log a_s``, ``log h_t = a*_t + logcumsumexp_t(log b_t - a*_t)`` from a zero start, all steps at
 once. Step by step (``parallel=False``, and generation) it is the loop over ``h_t = a_t∘h_{t-1} + b_t`` in
-ordinary space. Both read the same parameters.
+ordinary space. Both read the same parameters, and both take minLSTM's ``f'_t`` and ``i'_t`` from
+``log i_t - log f_t``: σ underflows to 0 below about -88 in float32 (-709 in float64), where ``f / (f + i)`` would
+be 0/0, and its log does not.
 """
 
 from __future__ import annotations
@@ -33,10 +35,9 @@ from rnnlm.regularization import sequence_dropout
 
 MIN_CELLS = ("mingru", "minlstm")
 GATES = {"mingru": ("z", "h"), "minlstm": ("f", "i", "h")}  # h: the candidate h̃
-# The scan runs over chunks of this many steps, each starting from the previous chunk's last state: log h_t is
-# the sum of two terms of size |a*_t|, which grows with t, so float32 loses about |a*_t| * 6e-8 of it. Over
-# 2,048 steps in one piece h was off by up to 2e-4 (relative, against a float64 loop); in chunks of 64, 5e-6,
-# and faster on a CPU (benchmarks/scan_speed.py).
+# The scan runs over chunks of this many steps, each starting from the previous chunk's last state, which keeps
+# the prefix sums a*_t of parallel_scan short (see there) and was faster on a CPU than one piece
+# (benchmarks/scan_speed.py).
 SCAN_CHUNK = 64
 
 
@@ -50,17 +51,23 @@ def log_g(x: Tensor) -> Tensor:
     return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
 
 
+def log_i_over_f(k_f: Tensor, k_i: Tensor) -> Tensor:
+    """minLSTM's ``log i - log f`` from the gates' pre-activations: ``f' = f / (f + i) = σ(-(log i - log f))`` and
+    ``i' = σ(log i - log f)``. With ``log σ(k) = -softplus(-k)`` it stays finite where σ(k_f) and σ(k_i) both round
+    to 0 and ``f / (f + i)`` would be 0/0."""
+    return F.softplus(-k_f) - F.softplus(-k_i)
+
+
 def coefficients(cell: str, pre: Tensor) -> tuple[Tensor, Tensor]:
     """``a`` and ``b`` of ``h_t = a_t∘h_{t-1} + b_t`` from the pre-activations ``W_x x + b`` (..., G*H), gates in
     :data:`GATES` order -> two (..., H)."""
     if cell == "mingru":
         k_z, k_h = pre.chunk(2, -1)
-        z = torch.sigmoid(k_z)
-        return 1 - z, z * g(k_h)  # h_t = (1 - z_t)∘h_{t-1} + z_t∘h̃_t
+        # 1 - σ(k) = σ(-k): exact where σ(k) rounds to 1
+        return torch.sigmoid(-k_z), torch.sigmoid(k_z) * g(k_h)  # h_t = (1 - z_t)∘h_{t-1} + z_t∘h̃_t
     k_f, k_i, k_h = pre.chunk(3, -1)
-    f, i = torch.sigmoid(k_f), torch.sigmoid(k_i)
-    f, i = f / (f + i), i / (f + i)  # f'_t, i'_t: they sum to 1
-    return f, i * g(k_h)  # h_t = f'_t∘h_{t-1} + i'_t∘h̃_t
+    diff = log_i_over_f(k_f, k_i)
+    return torch.sigmoid(-diff), torch.sigmoid(diff) * g(k_h)  # h_t = f'_t∘h_{t-1} + i'_t∘h̃_t
 
 
 def log_coefficients(cell: str, pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,8 +77,8 @@ def log_coefficients(cell: str, pre: Tensor) -> tuple[Tensor, Tensor]:
         # log(1 - σ(k)) = -softplus(k), log σ(k) = -softplus(-k)
         return -F.softplus(k_z), -F.softplus(-k_z) + log_g(k_h)
     k_f, k_i, k_h = pre.chunk(3, -1)
-    # log f' = log f - log(f + i) = -softplus(log i - log f), and log i - log f = softplus(-k_f) - softplus(-k_i)
-    diff = F.softplus(-k_f) - F.softplus(-k_i)
+    # log f' = log σ(-diff) = -softplus(diff), log i' = -softplus(-diff)
+    diff = log_i_over_f(k_f, k_i)
     return -F.softplus(diff), -F.softplus(-diff) + log_g(k_h)
 
 
@@ -80,13 +87,20 @@ def parallel_scan(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
 
     Unrolled, ``h_t = exp(a*_t) h_0 + Σ_{s<=t} exp(a*_t - a*_s) b_s`` with ``a*_t = Σ_{s<=t} log a_s``; the sum is
     ``exp(a*_t + logcumsumexp_t(log b_t - a*_t))`` (Heinsen 2023). h_0 enters linearly, as its own term, so it
-    may be zero or negative (no log of it), and its gradient is exact. Chunks of :data:`SCAN_CHUNK` steps keep
-    ``a*`` small enough for float32 (see there).
+    may be zero or negative (no log of it), and its gradient is exact.
+
+    The sum's log is computed in float64 whatever the inputs' dtype: it adds and subtracts prefix sums of size
+    |a*_t|, which grows by |log a_s| per step (100 per step for a gate pre-activation of 100), so float32 would lose
+    about |a*_t| * 6e-8 of log h_t: h was off by 5e-5 (relative, against a float64 loop) with pre-activations of
+    standard deviation 10, and by 2e-3 with 1,000. In float64 the error is that of log a and log b themselves
+    (1e-6). MPS has no float64: there the sums stay in the inputs' dtype.
     """
+    sums = log_a.dtype if log_a.device.type == "mps" else torch.float64
     hs = []
     for la, lb in zip(log_a.split(SCAN_CHUNK, 1), log_b.split(SCAN_CHUNK, 1), strict=True):
-        a_star = la.cumsum(1)  # (B, t, H)
-        h = torch.exp(a_star + torch.logcumsumexp(lb - a_star, 1)) + torch.exp(a_star) * h0.unsqueeze(1)
+        a_star = la.to(sums).cumsum(1)  # (B, t, H)
+        log_sum = (a_star + torch.logcumsumexp(lb.to(sums) - a_star, 1)).to(la.dtype)  # small again: back in dtype
+        h = torch.exp(log_sum) + torch.exp(a_star.to(la.dtype)) * h0.unsqueeze(1)
         hs.append(h)
         h0 = h[:, -1]
     return hs[0] if len(hs) == 1 else torch.cat(hs, 1)

@@ -152,7 +152,7 @@ class RecurrentLM(L.LightningModule):
             loss = total / count
             objective = loss if self._penalty is None else loss + self._penalty
         else:
-            objective = loss = self._graphed_step(batch)  # with the penalty: the graph returns one number
+            loss, objective = self._graphed_step(batch)
         # Every step is checked, on the device: reading the loss back each step would make the host wait
         # for the GPU. The first bad step is read back when metrics are written.
         if self._device_step is None:  # counted on the device too: making the number there each step would wait
@@ -182,29 +182,33 @@ class RecurrentLM(L.LightningModule):
             for group, lr in zip(optimizer.param_groups, configured, strict=True):
                 group["lr"] = lr
 
-    def _graphed_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+    def _graphed_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Forward, backward and clipping from the CUDA graph (eagerly for other shapes), then the optimizer
-        step through Lightning, which keeps its step count, precision and hooks."""
+        step through Lightning, which keeps its step count, precision and hooks -> the mean cross-entropy and
+        the objective (with AR and TAR), both the graph's outputs."""
         inputs, targets = batch
         if self._graphed is None:
-            def mean_loss(inputs: Tensor, targets: Tensor, state: State | None) -> tuple[Tensor, State | None]:
+            def objective_and_loss(inputs: Tensor, targets: Tensor, state: State | None
+                                   ) -> tuple[Tensor, Tensor, State | None]:
                 penalty = [] if self._regularizes_activations else None
                 total, count, final = self._forward_loss(inputs, targets, state, penalty=penalty)
-                return total / count + (penalty[0] if penalty else 0), final
+                loss = total / count
+                return (loss + penalty[0] if penalty else loss), loss, final
 
-            self._graphed = GraphedStep(mean_loss, [p for p in self.parameters() if p.requires_grad],
+            self._graphed = GraphedStep(objective_and_loss, [p for p in self.parameters() if p.requires_grad],
                                         self.gradient_clip_val, self.gradient_clip_algorithm)
         result = {}
 
         def closure() -> Tensor:
-            loss, self._grad_norm, state = self._graphed(inputs, targets, self._carried("train", inputs.size(0)))
+            loss, objective, self._grad_norm, state = self._graphed(inputs, targets,
+                                                                    self._carried("train", inputs.size(0)))
             if self.carry_state:
                 self._state["train"] = state
-            result["loss"] = loss
-            return loss
+            result["loss"], result["objective"] = loss, objective
+            return objective
 
         self.optimizers().step(closure=closure)
-        return result["loss"]
+        return result["loss"], result["objective"]
 
     def _raise_if_diverged(self) -> None:
         bad_step = int(self._first_bad_step)
