@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -40,17 +41,64 @@ def test_a_named_folder_with_another_runs_checkpoints_is_refused(tmp_path, capsy
     _own_folder(_hydra_config(tmp_path / "empty", [f"hydra.run.dir={tmp_path / 'empty'}"]), "run")
 
 
-def test_a_named_folder_in_use_by_a_running_process_is_refused(tmp_path, capsys):
+# Takes hydra.run.dir=argv[1] as a training run does, says so, then waits (to be killed) or exits.
+CLAIM = """
+import sys, time
+from omegaconf import OmegaConf
+from rnnlm.run_folder import _own_folder
+folder = sys.argv[1]
+_own_folder(OmegaConf.create({"task_name": "train", "ckpt_path": None,
+                              "hydra": {"run": {"dir": folder}, "overrides": {"hydra": ["hydra.run.dir=" + folder]}}}),
+            "run")
+print("holding", flush=True)
+if sys.argv[2:] == ["wait"]:
+    time.sleep(120)
+"""
+
+
+def _claim(folder, *wait):
+    return subprocess.Popen([sys.executable, "-c", CLAIM, str(folder), *wait], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_named_folder_held_by_a_running_process_is_refused_until_it_dies(tmp_path):
     folder = tmp_path / "shared"
+    holder = _claim(folder, "wait")
+    try:
+        assert holder.stdout.readline() == "holding\n", holder.stderr.read()
+        lock = folder.resolve() / ".rnnlm.lock"
+        assert lock.read_text() == str(holder.pid)
+        refused = _claim(folder)
+        out, err = refused.communicate(timeout=60)
+        assert refused.returncode == 2 and out == ""
+        assert err == (f"error: hydra.run.dir={folder} is in use by another running training process (it holds "
+                       f"{lock}, pid {holder.pid}): wait for it to end, or give another folder (leave "
+                       f"hydra.run.dir out for a fresh one)\n")
+    finally:
+        holder.kill()  # SIGKILL: no exit handler runs, the lock file stays behind
+        holder.wait()
+    assert lock.read_text() == str(holder.pid)  # left by a process that is dead: it holds nothing
+    accepted = _claim(folder)
+    assert accepted.communicate(timeout=60) == ("holding\n", "") and accepted.returncode == 0
+    assert not lock.exists()  # removed by the process that held it, as it ended
+
+
+@pytest.mark.parametrize("named", ["own pid", "another live process"])
+def test_a_lock_file_no_process_holds_is_no_conflict(tmp_path, named):
+    """Only the OS lock counts, not the pid written in the file: ours (a run in this process that ended), or one
+    the system has given to an unrelated process since (pid reuse)."""
+    folder = tmp_path / "run"
     folder.mkdir()
-    (folder / ".rnnlm.lock").write_text(str(os.getppid()))  # a process that is running
-    with pytest.raises(SystemExit):
-        _own_folder(_hydra_config(folder, [f"hydra.run.dir={folder}"]), "run")
-    assert f"is in use by another run (process {os.getppid()})" in capsys.readouterr().err
-    ended = subprocess.Popen(["true"])
-    ended.wait()
-    (folder / ".rnnlm.lock").write_text(str(ended.pid))  # left by a run that has ended
+    pid = os.getpid() if named == "own pid" else 1
+    (folder / ".rnnlm.lock").write_text(str(pid))
     _own_folder(_hydra_config(folder, [f"hydra.run.dir={folder}"]), "run")
+    assert (folder / ".rnnlm.lock").read_text() == str(os.getpid())
+
+
+def test_a_folder_this_process_holds_already_is_no_conflict(tmp_path):
+    folder = tmp_path / "run"
+    for _ in range(2):  # e.g. a second training run in one Python process
+        _own_folder(_hydra_config(folder, [f"hydra.run.dir={folder}"]), "run")
     assert (folder / ".rnnlm.lock").read_text() == str(os.getpid())
 
 

@@ -11,6 +11,7 @@ import yaml
 
 from helpers import REPO
 from rnnlm.commands.report import curves, swept_values, timed_curve, write_report
+from rnnlm.errors import UserError
 
 SMALL = ["model.embedding_dim=8", "model.num_layers=1", "data.seq_len=8", "data.batch_size=4",
          "data.eval_batch_size=2", "trainer.max_steps=3", "test=false", "trainer.accelerator=cpu",
@@ -62,7 +63,7 @@ def test_submitit_local_launcher_runs_jobs(tmp_path, tiny_corpus, cache_dir):
 
 
 def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="holds no job folders"):
+    with pytest.raises(UserError, match="holds no job folders"):
         write_report(tmp_path)
 
 

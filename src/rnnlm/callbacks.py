@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-import os
 import shutil
 import signal
 import threading
@@ -29,6 +28,7 @@ from rnnlm.checkpoint import (
     write_random_state,
     write_run_config,
 )
+from rnnlm.files import write_atomically
 from rnnlm.loss import IGNORE_INDEX, loss_in_units
 from rnnlm.module import writes_logs
 from rnnlm.sampling import generate_tokens
@@ -185,10 +185,11 @@ class RunCheckpoints(ModelCheckpoint):
 
 
 def _copy_atomically(source: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.copy")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, dest)
+    def copy(out) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, out)
+
+    write_atomically(dest, copy, size=source.stat().st_size, elsewhere="paths.log_dir=DIR")
 
 
 class RandomStreams(L.Callback):
@@ -418,8 +419,12 @@ class TextSamples(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 # Markdown: indent four spaces so line breaks and spacing show as written.
                 logger.experiment.add_text("samples", "    " + text.replace("\n", "\n    "), step)
-        with open(Path(trainer.default_root_dir) / "samples.txt", "a", encoding="utf-8") as fh:
-            fh.write(f"=== step {step}\n{text}\n\n")
+        samples = Path(trainer.default_root_dir) / "samples.txt"
+        try:  # a log, appended to: a full disk costs these lines, not the run
+            with open(samples, "a", encoding="utf-8") as fh:
+                fh.write(f"=== step {step}\n{text}\n\n")
+        except OSError as err:
+            log.warning("cannot append the sample of step %d to %s (%s)", step, samples, err.strerror or err)
 
 
 class HparamsWithBest(L.Callback):

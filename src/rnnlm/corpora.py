@@ -10,13 +10,11 @@ header and footer around the book (:func:`gutenberg_body`).
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import itertools
 import logging
-import os
 import re
-import shutil
-import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -24,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rnnlm.errors import DataError
+from rnnlm.files import remove_stale_temporaries, write_atomically
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+DATA_ELSEWHERE = "RNNLM_DATA_DIR=DIR or paths.data_dir=DIR"  # how to put the corpora on another disk
 
 
 @dataclass(frozen=True)
@@ -200,28 +200,34 @@ def verify_checksums(source: CorpusSource) -> None:
 
 
 def download(remote: RemoteFile, dest: Path) -> None:
-    """Fetch ``remote`` to ``dest`` through a temporary file; only a verified file is ever renamed into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Fetch ``remote`` to ``dest`` through a temporary file; only a verified file is ever renamed into place.
+
+    Raises:
+        DataError: the download failed, or its digest differs from the published one.
+        DiskFullError: no space left for it.
+    """
+    remove_stale_temporaries(dest.parent, names=[glob.escape(dest.name)])
     log.info("Downloading %s -> %s", remote.url, dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=60) as response:
-            shutil.copyfileobj(response, out)
-        got = sha256_of(Path(tmp))
-        if got != remote.sha256:
+
+    def fetch(out) -> None:
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(remote.url, timeout=60) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != remote.sha256:
             raise DataError(
-                f"{remote.url} has SHA-256 {got}, expected {remote.sha256}: the upstream file changed or the "
-                f"download was corrupted. Put a verified copy at {dest}."
+                f"{remote.url} has SHA-256 {digest.hexdigest()}, expected {remote.sha256}: the upstream file changed "
+                f"or the download was corrupted. Put a verified copy at {dest}."
             )
-        os.replace(tmp, dest)
+
+    try:
+        write_atomically(dest, fetch, elsewhere=DATA_ELSEWHERE)
     except OSError as err:
         raise DataError(
             f"cannot download {remote.url} ({err}). Put the file at {dest} (SHA-256 {remote.sha256}), "
             f"or point RNNLM_DATA_DIR / paths.data_dir at a folder that has {dest.parent.name}/{dest.name}."
         ) from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def unpack(item: ZipMember, dest: Path, allow_download: bool = True) -> None:
@@ -242,24 +248,26 @@ def unpack(item: ZipMember, dest: Path, allow_download: bool = True) -> None:
     else:
         _check_digest(archive, *item.archive.digest)
     log.info("Unpacking %s from %s -> %s", item.member, archive, dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    remove_stale_temporaries(dest.parent, names=[glob.escape(dest.name)])
     algorithm, expected = item.digest
-    digest = hashlib.new(algorithm)
-    try:
-        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(archive) as zf, zf.open(item.member) as member:
+
+    def extract(out) -> None:
+        digest = hashlib.new(algorithm)
+        with zipfile.ZipFile(archive) as zf, zf.open(item.member) as member:
             for block in iter(lambda: member.read(1 << 20), b""):
                 digest.update(block)
                 out.write(block)
         if digest.hexdigest() != expected:
             raise DataError(f"{item.member} in {archive} has {_DIGEST_NAMES[algorithm]} {digest.hexdigest()}, "
                             f"expected {expected}: delete the archive so the next run downloads it again")
-        os.replace(tmp, dest)
-    except (OSError, KeyError, zipfile.BadZipFile) as err:  # no such member, a damaged archive, a full disk
+
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            size = zf.getinfo(item.member).file_size
+        write_atomically(dest, extract, size=size, elsewhere=DATA_ELSEWHERE)
+    except (OSError, KeyError, zipfile.BadZipFile) as err:  # no such member, a damaged archive
         raise DataError(f"cannot unpack {item.member} from {archive} ({err}): delete the archive so the next run "
                         "downloads it again") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def named_source(name: str, data_dir: Path, allow_download: bool = True) -> CorpusSource:

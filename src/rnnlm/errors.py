@@ -30,6 +30,11 @@ class NonFiniteError(UserError):
     """Training produced NaN or infinite values; the message names the step and what was kept."""
 
 
+class DiskFullError(UserError):
+    """No space left (or the disk quota used up) where a file was being written; the message names the folder,
+    the bytes the file needs and the bytes free. The file it would have replaced is left as it was."""
+
+
 def positive_integer(problems: list[str], key: str, value, allow_none: bool = False) -> None:
     """Add a problem unless ``value`` is a positive integer (or None, with ``allow_none``)."""
     if value is None and allow_none:

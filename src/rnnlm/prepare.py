@@ -8,10 +8,11 @@ Cache layout (one folder per corpus, level and vocabulary settings)::
         train.npy valid.npy test.npy   uint16/uint32 ids, read with mmap_mode="r"
 
 The folder is built under a temporary name and renamed into place, so an interrupted run or two
-runs racing never leave a half-written cache. Re-running with the same input is instant. A named
-corpus is checked against its published digests before it is tokenized; the folder's key holds each
-file's size and modification time, so a folder that exists was built from checked files. A folder
-damaged later (a file cut short, a broken vocab.json) is rebuilt.
+runs racing never leave a half-written cache; the arrays' blocks are allocated before they are filled,
+so a full disk stops it with one line (:class:`rnnlm.errors.DiskFullError`). Re-running with the same
+input is instant. A named corpus is checked against its published digests before it is tokenized; the
+folder's key holds each file's size and modification time, so a folder that exists was built from
+checked files. A folder damaged later (a file cut short, a broken vocab.json) is rebuilt.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from rnnlm.corpora import SPLITS, CorpusSource, DataError, split_lines, text_lines, verify_checksums
+from rnnlm.files import moved_into_place, new_array, temporary_folder, write_atomically
 from rnnlm.vocab import BOS, EOS, UNK, Vocab, build_vocab, split_line
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: Gutenberg header and footer stripped; named corpora checked by SHA-256
 _WRITE_BLOCK = 1 << 20  # ids buffered before each write to the memory map
 MIN_VOCAB = 3  # tokens a model must choose between (<bos> aside) for its scores to mean anything
+CACHE_ELSEWHERE = "RNNLM_CACHE_DIR=DIR or paths.cache_dir=DIR"  # how to put the cache on another disk
 
 
 @dataclass
@@ -149,17 +150,14 @@ def _build(
 
     cache_root = folder.parent
     try:
-        cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root))
+        tmp = temporary_folder(folder, elsewhere=CACHE_ELSEWHERE)
     except OSError as err:
         raise DataError(f"cannot write the token cache in {cache_root} ({err.strerror}): set RNNLM_CACHE_DIR or "
                         "paths.cache_dir to a writable folder") from None
-    try:
+    needed = sum(lengths.values()) * np.dtype(dtype).itemsize
+    with moved_into_place(tmp, folder, size=needed, elsewhere=CACHE_ELSEWHERE):
         # Pass 2: encode straight into the memory maps, a block at a time.
-        arrays = {
-            s: np.lib.format.open_memmap(tmp / f"{s}.npy", mode="w+", dtype=dtype, shape=(lengths[s],))
-            for s in SPLITS
-        }
+        arrays = {s: new_array(tmp / f"{s}.npy", dtype, lengths[s]) for s in SPLITS}
         filled = dict.fromkeys(SPLITS, 0)
         pending: dict[str, list[int]] = {s: [] for s in SPLITS}
 
@@ -191,15 +189,8 @@ def _build(
             "unk": unk_count,
             "notes": list(dict.fromkeys(source.notes)),  # both passes may add the same note
         }
-        (tmp / "vocab.json").write_text(json.dumps(vocab.to_dict(), ensure_ascii=False), encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "meta.json").is_file():  # not a concurrent run finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_atomically(tmp / "vocab.json", json.dumps(vocab.to_dict(), ensure_ascii=False))
+        write_atomically(tmp / "meta.json", json.dumps(meta, indent=1))
 
 
 def _check_has_text(source: CorpusSource, lines_with_text: dict[str, int]) -> None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from rnnlm.files import moved_into_place, temporary_folder, write_atomically
 
 QUERY = "?"
 SPLIT_SEEDS = {"train": 0, "valid": 1, "test": 2}
@@ -43,16 +43,11 @@ def write_recall_corpus(cache_dir: Path, distance: int, keys: int = 16, noise: i
     folder = Path(cache_dir).expanduser() / "recall" / f"d{distance}-k{keys}-n{noise}-{digest}"
     if folder.is_dir():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    for (split, offset), count in zip(SPLIT_SEEDS.items(), examples, strict=True):
-        lines = recall_lines(distance, keys, noise, count, seed * 3 + offset)
-        (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (tmp / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process wrote it first: the same text
-        for path in tmp.iterdir():
-            path.unlink()
-        tmp.rmdir()
+    elsewhere = "RNNLM_CACHE_DIR=DIR or paths.cache_dir=DIR"
+    tmp = temporary_folder(folder, elsewhere)
+    with moved_into_place(tmp, folder, elsewhere=elsewhere):  # another process may write it first: the same text
+        for (split, offset), count in zip(SPLIT_SEEDS.items(), examples, strict=True):
+            lines = recall_lines(distance, keys, noise, count, seed * 3 + offset)
+            write_atomically(tmp / f"{split}.txt", "\n".join(lines) + "\n")
+        write_atomically(tmp / "settings.json", json.dumps(settings, indent=1) + "\n")
     return folder

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
+
+LOCK_FILE = ".rnnlm.lock"
+_held: dict[Path, int] = {}  # the lock files this process holds -> their open descriptors, kept until it exits
 
 
 class OwnRunFolder(Callback):
@@ -18,7 +23,7 @@ class OwnRunFolder(Callback):
       second — gets a suffix (``_1``, ``_2``, ...), claimed atomically, so each run has its own;
     - a training run's folder given with ``hydra.run.dir`` / ``hydra.sweep.dir`` that holds another run's
       checkpoints is refused, unless the run resumes from a checkpoint in it; so is one that another
-      running training process holds (its ``.rnnlm.lock`` names a live process).
+      running training process holds (an OS lock on its ``.rnnlm.lock``, which ends with that process).
 
     The processes of one distributed job share their folder: those started by Lightning for DDP, or
     together by ``srun`` / ``torchrun`` (which need ``hydra.run.dir`` set, as the clock differs between
@@ -43,8 +48,12 @@ def _own_folder(config: DictConfig, kind: str) -> None:
     folder = Path(OmegaConf.select(config, key))  # resolves the clock once
     if any(o.split("=", 1)[0].lstrip("+") == key for o in config.hydra.overrides.hydra):
         if config.get("task_name") == "train":
-            _refuse_another_runs_folder(folder, key, config.get("ckpt_path"))
-            _hold(folder, key)
+            # The lock first: a folder in use is refused as such, even when a resume of its checkpoints is asked.
+            taken = _hold(folder, key)
+            if problem := _another_runs_checkpoints(folder, key, config.get("ckpt_path")):
+                if taken:
+                    _release(_lock_path(folder))
+                _refuse(problem)
         return
     claimed, n = folder, 0
     while True:
@@ -58,44 +67,93 @@ def _own_folder(config: DictConfig, kind: str) -> None:
         config.hydra[kind].dir = str(claimed)
 
 
-def _refuse_another_runs_folder(folder: Path, key: str, ckpt_path: str | None) -> None:
+def _another_runs_checkpoints(folder: Path, key: str, ckpt_path: str | None) -> str:
+    """Why ``folder`` is not this run's to write in, if it holds another run's checkpoints; else ''."""
     found = sorted(folder.glob("**/checkpoints/*.ckpt"))
     if not found:
-        return
+        return ""
     if ckpt_path and folder.resolve() in Path(ckpt_path).expanduser().resolve().parents:
-        return  # resuming the run that lives there
-    _refuse(f"{key}={folder} holds another run's checkpoints ({found[0]}): choose a new folder, leave {key} out "
+        return ""  # resuming the run that lives there
+    return (f"{key}={folder} holds another run's checkpoints ({found[0]}): choose a new folder, leave {key} out "
             f"for a fresh one, or resume that run with ckpt_path={found[-1]}")
 
 
-def _hold(folder: Path, key: str) -> None:
-    """Mark ``folder`` as this process's until it exits; refuse it if a live process holds it already."""
-    lock = folder / ".rnnlm.lock"
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        holder = lock.read_text().strip()
-        if holder.isdigit() and _alive(int(holder)):
-            _refuse(f"{key}={folder} is in use by another run (process {holder}): choose another folder, or leave "
-                    f"{key} out for a fresh one")
-        fd = os.open(lock, os.O_TRUNC | os.O_WRONLY)  # left by a run that has ended
-    with os.fdopen(fd, "w") as fh:
-        fh.write(str(os.getpid()))
-    atexit.register(lambda: lock.unlink(missing_ok=True))
+def _lock_path(folder: Path) -> Path:
+    return folder.resolve() / LOCK_FILE
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _hold(folder: Path, key: str) -> bool:
+    """Hold ``folder`` for this process until it exits; refuse it if another live process holds it already.
+
+    The hold is an OS lock (``flock``) on ``folder/.rnnlm.lock``, which also names the holder's pid for the
+    message. The kernel drops it when its process ends, however it ends (SIGKILL included): a lock file left
+    behind by a dead process, or one naming a pid the system has since given to another process, holds
+    nothing. A second hold of the same folder by this process is no conflict.
+
+    Returns:
+        whether this call took the lock (False: this process held it already).
+    """
+    lock = _lock_path(folder)
+    if lock in _held:
         return False
-    except PermissionError:  # someone else's process
-        return True
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _lock(lock)
+    except OSError as err:
+        _refuse(f"cannot create {lock} ({err.strerror}): give {key} a folder you can write to")
+    if fd is None:
+        holder = _read_pid(lock)
+        _refuse(f"{key}={folder} is in use by another running training process (it holds {lock}"
+                f"{f', pid {holder}' if holder else ''}): wait for it to end, or give another folder (leave {key} "
+                f"out for a fresh one)")
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held[lock] = fd
+    atexit.register(_release, lock, os.getpid())
     return True
 
 
-def _refuse(message: str) -> None:
+def _lock(lock: Path) -> int | None:
+    """Open ``lock`` and take its ``flock`` without waiting: the open file's descriptor, or None if another
+    process holds it."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        # Its holder removed the file as it ended, after we opened it: the lock we took is on a file no one
+        # else will open. Take it again on the file now at that path.
+        os.close(fd)
+
+
+def _read_pid(lock: Path) -> str:
+    try:
+        holder = lock.read_text().strip()
+    except OSError:
+        return ""
+    return holder if holder.isdigit() else ""  # empty while its holder is between taking the lock and writing
+
+
+def _release(lock: Path, holder: int | None = None) -> None:
+    # A forked child (a data loader's worker) shares the lock and inherits this exit handler: only the process
+    # that took the lock removes the file.
+    if holder not in (None, os.getpid()):
+        return
+    # Removed while still locked, then closed: one that opened the file meanwhile sees it is gone (``_lock``).
+    fd = _held.pop(lock, None)
+    if fd is not None:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _refuse(message: str) -> NoReturn:
     # One line and exit status 2, as for every mistake: this runs inside Hydra, before the command's own
     # error handling.
     print(f"error: {message}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from omegaconf import DictConfig
 from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
 from rnnlm.checks import ConfigError, check_generate_config
 from rnnlm.commands.cli import CONF_DIR, check_output, exit_on_user_error, pick_device, quote_free_text, run_command
+from rnnlm.files import remove_stale_temporaries, write_atomically
 from rnnlm.sampling import generate_tokens
 
 SEPARATOR = "\n" + "-" * 40 + "\n"
@@ -64,10 +66,12 @@ def read_prompt(cfg: DictConfig) -> str:
 @exit_on_user_error
 def _hydra_main(cfg: DictConfig) -> None:
     output = check_output(cfg.output, cfg.overwrite) if cfg.output else None  # before the work, not after
+    if output:
+        remove_stale_temporaries(output.parent, names=[glob.escape(output.name)])
     text = SEPARATOR.join(generate_texts(cfg))
     print(text)
-    if output:
-        output.write_text(text + "\n", encoding="utf-8")
+    if output:  # once the text is ready: a failed write leaves no file, or the old one as it was
+        write_atomically(output, text + "\n", elsewhere="output=FILE")
 
 
 def main() -> None:
