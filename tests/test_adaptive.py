@@ -127,10 +127,10 @@ def test_default_cutoffs_follow_the_vocabulary_size():
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({"vocab_size": 1_500}, "too small for the default clusters .* model.adaptive_cutoffs=\\[...\\]"),
-    ({"adaptive_cutoffs": [30, 10]}, "must be increasing token counts"),
+    ({"adaptive_cutoffs": [30, 10]}, "must be a list of increasing integers >= 1"),
     ({"adaptive_cutoffs": [10, 60]}, "must all be below the vocabulary size"),
     ({"tie_weights": True, "embedding_dim": 16}, "set model.tie_weights=false"),
-    ({"adaptive_div_value": 0.5}, "adaptive_div_value=0.5 must be >= 1"),
+    ({"adaptive_div_value": 0.5}, "adaptive_div_value=0.5 must be a number >= 1"),
 ])
 def test_bad_adaptive_settings_are_refused_in_one_line(settings, message):
     with pytest.raises(ConfigError, match=message):

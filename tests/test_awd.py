@@ -136,8 +136,8 @@ def test_language_model_options_reach_the_network():
 
 @pytest.mark.parametrize("settings, message", [
     ({"cell": "lstm", "embedding_dim": None, "embedding_dropout": 0.1}, "model.embedding_dropout drops rows"),
-    ({"weight_drop": 1.0}, r"model.weight_drop=1.0 must be in \[0, 1\)"),
-    ({"input_dropout": -0.1}, r"model.input_dropout=-0.1 must be in \[0, 1\)"),
+    ({"weight_drop": 1.0}, r"model.weight_drop=1.0 must be a number in \[0, 1\)"),
+    ({"input_dropout": -0.1}, r"model.input_dropout=-0.1 must be a number in \[0, 1\)"),
     ({"hidden_size": 32, "embedding_dim": 8, "tie_weights": True}, "model.projection_size=8"),
     ({"projection_size": 0}, "model.projection_size=0 must be a positive integer"),
     ({"locked_dropout": "yes"}, "model.locked_dropout=yes must be true or false"),

@@ -91,7 +91,8 @@ def test_the_model_settings_are_the_network_configs_fields(make_cfg):
 
 
 def test_a_network_config_checks_itself_and_cannot_change():
-    with pytest.raises(ConfigError, match=r"model.dropout=1.5 must be in \[0, 1\); model.impl=cuda must be one of"):
+    with pytest.raises(ConfigError,
+                       match=r"model.dropout=1.5 must be a number in \[0, 1\); model.impl=cuda must be one of"):
         NetworkConfig(vocab_size=10, dropout=1.5, impl="cuda")
     with pytest.raises(dataclasses.FrozenInstanceError):
         NetworkConfig(vocab_size=10).hidden_size = 3

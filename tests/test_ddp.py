@@ -13,7 +13,7 @@ import torch
 
 from helpers import REPO
 from rnnlm.checkpoint import load_checkpoint
-from rnnlm.datamodule import StreamChunks, TextDataModule
+from rnnlm.datamodule import EvaluationStream, TextDataModule
 from rnnlm.loss import sequence_loss
 
 
@@ -34,10 +34,12 @@ def test_ddp_on_two_cpu_processes_matches_single_process_evaluation(tmp_path, ti
 
     loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
     data = TextDataModule(path=str(tiny_corpus), cache_dir=str(cache_dir))
-    valid = StreamChunks(data.load().splits["valid"], batch_size=2 * 3, seq_len=16)  # both ranks' columns
+    valid = EvaluationStream(data.load().splits["valid"], batch_size=2 * 3, seq_len=16)  # both ranks' columns
     total, count, state = 0.0, 0, None
     with torch.no_grad():
         for inputs, targets in valid:
+            # the remainder, read last as one more column, starts from a fresh state
+            state = state if state is not None and state[0].size(-2) == inputs.size(0) else None
             logits, state = loaded.net(inputs, state)
             batch_total, batch_count = sequence_loss(logits, targets)
             total, count = total + batch_total.item(), count + batch_count.item()

@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -238,14 +239,14 @@ def test_generate_cli_prints_prompt_and_continuation(overfit_runs):
 
 @pytest.mark.parametrize(
     "override,message",
-    [("temperature=0", "temperature=0 must be > 0"), ("top_p=1.5", "top_p=1.5 must be in (0, 1]"),
-     ("top_k=0", "top_k=0 must be an integer >= 1"), ("max_new_tokens=-1", "max_new_tokens=-1 must be"),
-     ("num_samples=0", "num_samples=0 must be a positive integer")],
+    [("temperature=0", "temperature=0 must be > 0"), ("top_p=1.5", "top_p=1.5 must be a number in (0, 1]"),
+     ("top_k=0", "top_k=0 must be a positive integer"), ("max_new_tokens=-1", "max_new_tokens=-1 must be"),
+     ("num_samples=0", "num_samples=0 must be an integer in [1, 10000]")],
 )
 def test_bad_sampling_options_are_rejected(override, message):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("generate", overrides=["ckpt_path=x.ckpt", override])
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         check_generate_config(cfg)
 
 
@@ -253,7 +254,7 @@ def test_cli_errors_are_one_line_and_exit_2(overfit_runs, tmp_path):
     ckpt = overfit_runs["word"] / "checkpoints" / "last.ckpt"
     cases = [
         ("generate.py", [f"ckpt_path={tmp_path / 'missing.ckpt'}"], "does not exist"),
-        ("generate.py", [f"ckpt_path={ckpt}", "temperature=-1"], "temperature=-1 must be > 0"),
+        ("generate.py", [f"ckpt_path={ckpt}", "temperature=-1"], "temperature=-1 must be a number >= 0"),
         ("score.py", [f"ckpt_path={ckpt}", "text=the quick fox", "candidates=[a,b]"], "no blank"),
         ("score.py", [f"ckpt_path={ckpt}", "text=운동을 ___ 을", "candidates=[]"], "candidates is empty"),
     ]

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from helpers import REPO
 from rnnlm.checkpoint import load_checkpoint
-from rnnlm.checks import ConfigError
+from rnnlm.checks import ConfigError, check_train_config, cpu_runs_bf16_lstm
 from rnnlm.commands import eval as eval_command
 from rnnlm.commands import generate as generate_command
 from rnnlm.commands import score as score_command
@@ -108,7 +108,9 @@ def test_each_command_puts_the_model_on_the_device_asked_for(device, expected, c
 
 
 def test_16_bit_checkpoints_load_in_float32_and_run(train_tiny, tmp_path, shared_data, cache_dir):
-    mixed = train_tiny(*TINY_RUN, "trainer.precision=bf16-mixed") / "checkpoints" / "last.ckpt"
+    # bf16-mixed training where this CPU can run the LSTM in bfloat16; the 16-bit weights below are loaded either way
+    precision = "bf16-mixed" if cpu_runs_bf16_lstm("bf16-mixed") else "32-true"
+    mixed = train_tiny(*TINY_RUN, f"trainer.precision={precision}") / "checkpoints" / "last.ckpt"
     raw = torch.load(mixed, weights_only=True)
     assert {v.dtype for v in raw["state_dict"].values()} == {torch.float32}  # mixed precision keeps float32 weights
     half = tmp_path / "bf16-weights.ckpt"  # as trainer.precision=bf16-true saves them
@@ -131,7 +133,7 @@ def test_a_device_that_cannot_be_used_is_one_error_line(ckpt, tmp_path, capsys, 
     result = subprocess.run([sys.executable, str(REPO / "src" / "generate.py"), f"ckpt_path={ckpt}", "device=gpu"],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines() == ["error: device=gpu is not a device: use auto, cpu, cuda or cuda:N"]
+    assert result.stderr.strip().splitlines() == ["error: device=gpu must be auto, cpu, cuda, cuda:N or mps"]
     # the other commands, in this process, through the same one-line exit
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command, name, args in [(score_command, "score", ["text=the fox"]),
@@ -143,3 +145,11 @@ def test_a_device_that_cannot_be_used_is_one_error_line(ckpt, tmp_path, capsys, 
         assert line == "error: device=cuda but no GPU is available: use device=cpu or device=auto"
     with pytest.raises(ConfigError, match="device=meta"):
         evaluate(_config("eval", f"ckpt_path={ckpt}", "device=meta"))
+
+
+def test_bf16_on_a_cpu_that_cannot_run_the_lstm_in_it_is_refused_up_front(make_cfg, monkeypatch):
+    monkeypatch.setattr("rnnlm.checks.cpu_runs_bf16_lstm", lambda precision: False)
+    with pytest.raises(ConfigError, match="trainer.precision=bf16-mixed: this CPU cannot run torch.nn.LSTM in "
+                                          "bfloat16 .*use trainer.precision=32-true, or model.impl=scratch"):
+        check_train_config(make_cfg("trainer.precision=bf16-mixed"))
+    check_train_config(make_cfg("trainer.precision=bf16-mixed", "model=gru"))  # GRU runs in bfloat16 on any CPU

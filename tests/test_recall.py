@@ -66,8 +66,8 @@ def test_training_and_eval_report_the_answer_accuracy(make_cfg, tmp_path, shared
 @pytest.mark.parametrize(("overrides", "message"), [
     (("data.recall.distance=30",), "lines of 33 tokens, longer than data.seq_len=16: set data.seq_len=33"),
     (("data.mode=stream",), "data.scored=last scores each line's last word: use data.mode=sentence"),
-    (("data.path=x.txt",), "are two corpora: drop one"),
-    (("data.recall.keys=0",), "data.recall.keys=0 must be a positive integer"),
+    ((f"data.path={__file__}",), "are two corpora: drop one"),
+    (("data.recall.keys=0",), "data.recall.keys=0 must be an integer >= 2"),
 ])
 def test_bad_recall_settings_are_refused_in_one_line(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):

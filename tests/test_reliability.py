@@ -15,6 +15,7 @@ from rnnlm.callbacks import AtomicCheckpointIO
 from rnnlm.checkpoint import CheckpointError, NonFiniteError
 from rnnlm.commands.train import train
 from rnnlm.corpora import DataError
+from rnnlm.errors import ConfigError
 from rnnlm.module import RecurrentLM
 
 
@@ -126,7 +127,7 @@ def test_bad_corpora_are_one_clear_error(make_cfg, tmp_path, write, message):
 
 
 def test_missing_data_path_is_one_clear_error(make_cfg, tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(ConfigError, match="data.path=.*nope.txt must be an existing file or folder"):
         train(make_cfg(f"data.path={tmp_path / 'nope.txt'}"))
 
 

@@ -79,7 +79,7 @@ def test_holdout_by_default_still_refuses_too_few_lines(make_cfg, tmp_path, over
 
 
 def test_tiny_words_needs_a_corpus_and_holdout_a_boolean(make_cfg):
-    with pytest.raises(ConfigError, match=r"data.corpus=None is unknown: .* or data.path=FILE"):
+    with pytest.raises(ConfigError, match=r"data.corpus is not set: use one of .* or data.path=FILE"):
         check_train_config(make_cfg("experiment=tiny_words"))
     with pytest.raises(ConfigError, match="data.holdout=maybe must be true .* or false"):
         check_train_config(make_cfg("data.holdout=maybe"))

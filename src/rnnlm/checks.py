@@ -2,117 +2,166 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlm.backbone import CELLS
 from rnnlm.corpora import CORPORA
-from rnnlm.errors import ConfigError, positive_integer, positive_number
+from rnnlm.errors import ConfigError
 from rnnlm.minrnn import MIN_CELLS
 from rnnlm.network import NetworkConfig, adaptive_cutoffs
-from rnnlm.vocab import LEVELS
+from rnnlm.schema import check_settings
 
-TASKS = ("lm", "bilm")
 # weight blocks per layer: one per gate and candidate; minGRU's and minLSTM's read the input alone
 GATES = {"rnn": 1, "lstm": 4, "gru": 3, "mingru": 2, "minlstm": 3}
 # float32 weights, their gradients and the optimizer's two moments (AdamW; SGD with momentum keeps one)
 BYTES_PER_PARAMETER = 4 * 4
 
 
-def check_train_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every problem in the model, data, optimizer and trainer settings."""
-    from rnnlm.datamodule import MODES  # imports Lightning, which only training needs
+def check_config(cfg: DictConfig, command: str, overrides: list[str] | None = None) -> None:
+    """Check a command's composed config before it does anything (``rnnlm.commands.cli`` calls this for every
+    job it is about to run): each key's type and range (:mod:`rnnlm.schema`), then the settings that only make
+    sense together, and for a resumed training run the checkpoint's own config with ``overrides`` applied.
 
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if "model.cell" in missing:
+    Raises:
+        UserError: the message names every key at fault and how to fix it.
+    """
+    CHECKS[command](cfg)
+    if command == "train" and cfg.ckpt_path:
+        from rnnlm.resume import resume_config
+
+        check_train_config(resume_config(cfg, overrides))
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` listing every problem in the training settings: first each key's type and range
+    (:mod:`rnnlm.schema`), then the settings that only make sense together."""
+    if OmegaConf.is_missing(cfg.model, "cell"):
         raise ConfigError("model.cell is not set (model=_recurrent is the base the model files share): "
                           f"use model={'|'.join(CELLS)}")
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} must be set (??? in the config): add {missing[0]}=...")
+    check_settings(cfg, "train")
     problems: list[str] = []
     model, data = cfg.model, cfg.data
     problems += NetworkConfig.problems_of(model)
-    if cfg.task not in TASKS:
-        problems.append(f"task={cfg.task} must be one of {'|'.join(TASKS)}")
-    elif model.bidirectional and cfg.task != "bilm":
+    if model.bidirectional and cfg.task != "bilm":
         problems.append("a bidirectional model would see the token it predicts, so it cannot be a causal LM: "
                         "use task=bilm (or model.bidirectional=false)")
     elif cfg.task == "bilm" and not model.bidirectional:
         problems.append("task=bilm needs model.bidirectional=true")
     elif cfg.task == "bilm" and data.mode != "stream":
         problems.append("task=bilm reads fixed windows: use data.mode=stream")
-    if data.level not in LEVELS:
-        problems.append(f"data.level={data.level} must be one of {'|'.join(LEVELS)}")
-    elif model.softmax == "adaptive" and data.level != "word":
+    if model.softmax == "adaptive" and data.level != "word":
         problems.append("model.softmax=adaptive clusters ids by frequency, as word vocabularies are ordered; a char "
                         "vocabulary is ordered by code point: use data=word, or model.softmax=full")
-    if data.mode not in MODES:
-        problems.append(f"data.mode={data.mode} must be one of {'|'.join(MODES)}")
-    for key in ("seq_len", "batch_size", "eval_batch_size", "min_freq"):
-        positive_integer(problems, f"data.{key}", data[key])
-    positive_integer(problems, "data.max_size", data.max_size, allow_none=True)
-    if not isinstance(data.get("variable_seq_len", False), bool):
-        problems.append(f"data.variable_seq_len={data.variable_seq_len} must be true or false")
-    elif data.get("variable_seq_len"):
+    if data.variable_seq_len:
         if data.mode != "stream":
             problems.append("data.variable_seq_len=true varies the length of stream chunks: use data.mode=stream")
-        elif isinstance(data.seq_len, int) and data.seq_len < 10:
+        elif data.seq_len < 10:
             problems.append(f"data.variable_seq_len=true draws lengths around data.seq_len={data.seq_len} with a "
                             "spread of 5 steps: set data.seq_len=10 or more")
-        if model.get("cuda_graph"):
+        if model.cuda_graph:
             problems.append("data.variable_seq_len=true gives chunks of many lengths, and model.cuda_graph replays "
                             "one: drop one of them")
-    for key in ("activation_reg", "temporal_activation_reg"):
-        value = model.get(key, 0.0)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-            problems.append(f"model.{key}={value} must be a number >= 0")
-    if data.get("scored", "all") not in ("all", "last"):
-        problems.append(f"data.scored={data.scored} must be all or last")
-    elif data.get("scored") == "last" and data.mode != "sentence":
+    if data.scored == "last" and data.mode != "sentence":
         problems.append("data.scored=last scores each line's last word: use data.mode=sentence")
-    if data.get("recall"):
-        recall = data.recall
-        if data.path:
-            problems.append(f"data.path={data.path} and data.recall (the synthetic task, data=recall) are two corpora: "
-                            "drop one (data.recall=null reads the file)")
-        positive_integer(problems, "data.recall.distance", recall.get("distance"))
-        positive_integer(problems, "data.recall.keys", recall.get("keys"))
-        positive_integer(problems, "data.recall.noise", recall.get("noise"))
-        length = recall.distance + 3 if isinstance(recall.get("distance"), int) else 0  # with the line end
-        if data.mode == "sentence" and length > data.seq_len:
-            problems.append(f"data.recall.distance={recall.distance} makes lines of {length} tokens, longer than "
-                            f"data.seq_len={data.seq_len}: set data.seq_len={length} or more")
-    elif not data.path and data.corpus not in CORPORA:
-        problems.append(f"data.corpus={data.corpus} is unknown: use one of {'|'.join(CORPORA)} or data.path=FILE")
-    split = list(data.split)
-    if len(split) != 3 or any(f < 0 for f in split) or sum(split) > 1 + 1e-9:
-        problems.append(f"data.split={split} must be three fractions (train, valid, test) summing to at most 1")
-    if not isinstance(data.holdout, bool):
-        problems.append(f"data.holdout={data.holdout} must be true (validate on held-out text) or false "
-                        "(validate on the training text)")
-    if cfg.seed is not None and (not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool)):
-        problems.append(f"seed={cfg.seed} must be an integer (or null for a random one)")
-    positive_number(problems, "optimizer.lr", cfg.optimizer.lr)
-    if "nonmono" in cfg.optimizer:  # optimizer=ntasgd
-        positive_integer(problems, "optimizer.nonmono", cfg.optimizer.nonmono)
-    decay = cfg.optimizer.get("weight_decay", 0.0)
-    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not decay >= 0:
-        problems.append(f"optimizer.weight_decay={decay} must be a number >= 0")
+    if data.recall:
+        problems += _recall_problems(data)
+    elif not data.path and data.corpus is None:
+        problems.append(f"data.corpus is not set: use one of {'|'.join(CORPORA)}, or data.path=FILE")
+    if sum(data.split) > 1 + 1e-9:
+        problems.append(f"data.split={list(data.split)} must be three fractions (train, valid, test) summing to at "
+                        "most 1")
     if str(cfg.trainer.accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append(f"trainer.accelerator={cfg.trainer.accelerator} but no GPU is available: use trainer=cpu, "
                         "or trainer=default (a GPU when there is one)")
-    if model.get("cuda_graph"):
+    else:
+        problems += _device_problems(cfg.trainer)
+    if model.cuda_graph:
         problems += _cuda_graph_problems(cfg)
+    if str(cfg.trainer.precision).startswith("bf16") and model.cell == "lstm" and model.impl == "fused" \
+            and not _on_gpu(cfg.trainer) and not cpu_runs_bf16_lstm(str(cfg.trainer.precision)):
+        problems.append(f"trainer.precision={cfg.trainer.precision}: this CPU cannot run torch.nn.LSTM in bfloat16 "
+                        "(its oneDNN kernel needs AVX-512 with BF16): use trainer.precision=32-true, or "
+                        "model.impl=scratch")
+    if model.bidirectional and any(isinstance(c, DictConfig) and c.get("_target_") == "rnnlm.diagnostics.GradientFlow"
+                                   for c in cfg.callbacks.values()):
+        from rnnlm.diagnostics import BIDIRECTIONAL
+
+        problems.append(BIDIRECTIONAL)
     for flag, callback in (("enable_progress_bar", "progress_bar"), ("enable_model_summary", "model_summary")):
         if cfg.trainer[flag] is False and callback in cfg.callbacks:  # Lightning refuses the pair
             problems.append(f"trainer.{flag}=false: also remove the callback with ~callbacks.{callback}")
     if problems:
         raise ConfigError("; ".join(problems))
     _check_memory(cfg, 0, "the recurrent layers alone")  # the vocabulary's share is known later
+
+
+def _recall_problems(data: DictConfig) -> list[str]:
+    recall, problems = data.recall, []
+    if data.path:
+        problems.append(f"data.path={data.path} and data.recall (the synthetic task, data=recall) are two corpora: "
+                        "drop one (data.recall=null reads the file)")
+    length = recall.distance + 3  # with the line end
+    if data.mode == "sentence" and length > data.seq_len:
+        problems.append(f"data.recall.distance={recall.distance} makes lines of {length} tokens, longer than "
+                        f"data.seq_len={data.seq_len}: set data.seq_len={length} or more")
+    if recall["keys"] > recall.examples[0]:  # most keys would never be seen with their answer in training
+        problems.append(f"data.recall.keys={recall['keys']} is more than the {recall.examples[0]} training lines "
+                        "(data.recall.examples[0]): most keys could never be learned; use fewer keys or more lines")
+    return problems
+
+
+def _on_gpu(trainer: DictConfig) -> bool:
+    accelerator = str(trainer.accelerator).lower()
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+@functools.cache
+def cpu_runs_bf16_lstm(precision: str) -> bool:
+    """Whether torch.nn.LSTM runs in bfloat16 on this CPU, tried on a tiny one (oneDNN refuses without AVX-512 BF16,
+    deep inside the first validation step)."""
+    lstm, inputs = torch.nn.LSTM(2, 2, batch_first=True), torch.zeros(1, 2, 2)
+    try:
+        with torch.no_grad():
+            if precision == "bf16-mixed":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    lstm(inputs)
+            else:
+                lstm.to(torch.bfloat16)(inputs.to(torch.bfloat16))
+    except RuntimeError:
+        return False
+    return True
+
+
+def _device_problems(trainer: DictConfig) -> list[str]:
+    """``trainer.devices`` and ``trainer.strategy`` against what this machine has (the schema checked their types)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    problems = []
+    strategy = trainer.get("strategy", "auto")
+    strategies = ["auto", *StrategyRegistry.available_strategies()]
+    if isinstance(strategy, str) and strategy not in strategies:
+        problems.append(f"trainer.strategy={strategy} is not a strategy: use one of auto, ddp, ddp_spawn, fsdp, "
+                        "deepspeed, ... (lightning.pytorch.strategies.StrategyRegistry lists them)")
+    devices, accelerator = trainer.devices, str(trainer.accelerator).lower()
+    gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus):
+        indices = [int(i) for i in str(devices).split(",") if i] if isinstance(devices, str) and devices != "auto" \
+            else list(devices) if not isinstance(devices, (int, str)) else []
+        if (isinstance(devices, int) and devices > gpus) or any(i >= gpus for i in indices):
+            problems.append(f"trainer.devices={devices} but this machine has {gpus} GPU(s): use 1 to {gpus}, -1 "
+                            "for all, or indices below that")
+    elif accelerator in ("cpu", "auto") and not (devices == "auto" or (isinstance(devices, int) and 1 <= devices)):
+        problems.append(f"trainer.devices={devices}: on the CPU give a number of processes (1 for one, 2 or more "
+                        "for DDP on CPU), or auto")
+    elif accelerator in ("cpu", "auto") and isinstance(devices, int) and devices > 4 * (os.cpu_count() or 1):
+        problems.append(f"trainer.devices={devices} processes on a machine with {os.cpu_count()} CPU cores: give "
+                        f"at most {4 * (os.cpu_count() or 1)}")
+    return problems
 
 
 def _cuda_graph_problems(cfg: DictConfig) -> list[str]:
@@ -150,8 +199,10 @@ def count_parameters(model: DictConfig, vocab_size: int) -> int:
     hidden, layers = model.hidden_size, model.num_layers
     directions = 2 if model.bidirectional else 1  # a bidirectional LM has a second, backward stack
     embedding = vocab_size * model.embedding_dim if model.embedding_dim else 0
-    inputs = [model.embedding_dim or vocab_size] + [hidden] * (layers - 1)
-    stack = sum(layer_parameters(model.cell, i, hidden) for i in inputs)
+    # the first layer reads the embedding (or one-hot vectors), the others the layer below: no list of layers, as
+    # a mistyped num_layers may be huge
+    stack = (layer_parameters(model.cell, model.embedding_dim or vocab_size, hidden)
+             + (layers - 1) * layer_parameters(model.cell, hidden, hidden))
     features = hidden * directions
     projection = getattr(model, "projection_size", None)  # settings from before the option lack it
     if projection:  # a linear map (with a bias) from the stack's outputs to what the decoder reads
@@ -192,8 +243,7 @@ def equal_budget(cell: str, input_size: int, lstm_units: int) -> int:
 
 def _memory(cfg: DictConfig) -> tuple[int, str]:
     """Bytes of memory of the device the run trains on, and its name for messages."""
-    accelerator = str(cfg.trainer.accelerator).lower()
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+    if _on_gpu(cfg.trainer):
         return torch.cuda.get_device_properties(0).total_memory, "the GPU has"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
 
@@ -202,31 +252,37 @@ def _check_memory(cfg: DictConfig, vocab_size: int, what: str) -> None:
     needed = count_parameters(cfg.model, vocab_size) * BYTES_PER_PARAMETER
     available, where = _memory(cfg)
     if needed > available:
+        sizes = [f"model.{key}={cfg.model[key]}" for key in ("embedding_dim", "hidden_size", "num_layers",
+                                                             "projection_size") if cfg.model.get(key)]
         raise ConfigError(
-            f"{what} (model.hidden_size={cfg.model.hidden_size}, model.num_layers={cfg.model.num_layers}"
-            f"{f', {vocab_size:,} tokens' if vocab_size else ''}) would need about {needed / 2**30:,.1f} GiB for the "
-            f"weights, gradients and optimizer state, but {where} {available / 2**30:,.1f} GiB: lower "
-            "model.hidden_size or model.num_layers" + (" or the vocabulary (data.max_size)" if vocab_size else "")
+            f"{what} ({', '.join(sizes)}{f', {vocab_size:,} tokens' if vocab_size else ''}) would need about "
+            f"{needed / 2**30:,.1f} GiB for the weights, gradients and optimizer state, but {where} "
+            f"{available / 2**30:,.1f} GiB: lower {', '.join(s.partition('=')[0] for s in sizes)}"
+            + (" or the vocabulary (data.max_size)" if vocab_size else "")
         )
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    check_settings(cfg, "eval")
+
+
+def check_score_config(cfg: DictConfig) -> None:
+    check_settings(cfg, "score")
+    if (cfg.text is None) == (cfg.text_file is None):
+        raise ConfigError("give text=... (with candidates=[...] to fill a blank) or text_file=FILE, one of the two")
 
 
 def check_generate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every problem in the sampling settings."""
+    check_settings(cfg, "generate")
     problems: list[str] = []
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        problems.append(f"seed={cfg.seed} must be an integer")
-    if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 0:
-        problems.append(f"max_new_tokens={cfg.max_new_tokens} must be an integer >= 0")
-    positive_integer(problems, "num_samples", cfg.num_samples)
     if not cfg.greedy and not cfg.temperature > 0:
         problems.append(f"temperature={cfg.temperature} must be > 0 (or set greedy=true)")
-    if cfg.top_k is not None and (not isinstance(cfg.top_k, int) or cfg.top_k < 1):
-        problems.append(f"top_k={cfg.top_k} must be an integer >= 1 (or null)")
-    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-        problems.append(f"top_p={cfg.top_p} must be in (0, 1] (or null)")
     if cfg.prompt and cfg.prompt_file:
         problems.append("give prompt=... or prompt_file=..., not both")
-    if cfg.prompt_file and not Path(cfg.prompt_file).is_file():
-        problems.append(f"prompt_file={cfg.prompt_file} does not exist")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+CHECKS = {"train": check_train_config, "eval": check_eval_config, "generate": check_generate_config,
+          "score": check_score_config}

@@ -38,7 +38,8 @@ class StreamChunks(IterableDataset):
         chunk 1  inputs [[t2 t3],[t8 t9]]   targets [[t3 t4],[t9 t10]]
         chunk 2  inputs [[t4],[t10]]        targets [[t5],[t11]]
 
-    The target is the input shifted by one step within its row.
+    The target is the input shifted by one step within its row. Training reads a stream so; validation, test and
+    ``rnnlm-eval`` score every target (:class:`EvaluationStream`).
 
     ``variable``: AWD-LSTM's variable-length BPTT. Each pass cuts the rows at new places: chunk lengths are drawn
     as AWD-LSTM draws them (``seq_len``, or half of it one time in 20, plus normal noise of 5 steps, at least 5)
@@ -85,6 +86,58 @@ class StreamChunks(IterableDataset):
         for start, length in zip(starts[first:], lengths[first:], strict=True):
             window = torch.from_numpy(self.rows[:, start : start + length + 1].astype(np.int64))  # (B, T+1)
             yield window[:, :-1], window[:, 1:]
+
+
+class EvaluationStream(IterableDataset):
+    """``(inputs, targets)`` chunks of shape ``(batch_size, <= seq_len)`` that score every target of a token stream
+    once: validation, test and ``rnnlm-eval`` read a split in stream mode this way.
+
+    The ``len - 1`` targets (every token but the first) are cut into ``batch_size * world_size`` columns of
+    ``L = (len - 1) // columns`` targets. Column c reads tokens ``c*L .. c*L+L``: its first input is the previous
+    column's last target, so no token is left unscored where a column starts (training's :class:`StreamChunks`
+    drops those). Rank r reads columns ``r*B .. r*B+B-1``, chunk k holding steps ``k*T .. k*T+T-1`` of each, the
+    state carried from chunk to chunk. The last ``(len - 1) % columns`` targets, fewer than the columns, are read
+    by the last rank after its columns, as one more column of one row (from a fresh state, as each column
+    starts)::
+
+        stream   t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 t10          (11 tokens: 10 targets; B=3 columns of 3, T=2)
+        rows     [t0 t1 t2 t3]                               column 0: targets t1 t2 t3
+                 [t3 t4 t5 t6]                               column 1: targets t4 t5 t6
+                 [t6 t7 t8 t9]                               column 2: targets t7 t8 t9
+        chunk 0  inputs [[t0 t1],[t3 t4],[t6 t7]]   targets [[t1 t2],[t4 t5],[t7 t8]]
+        chunk 1  inputs [[t2],[t5],[t8]]            targets [[t3],[t6],[t9]]
+        chunk 2  inputs [[t9]]                      targets [[t10]]        the remainder: one row
+
+    With one column (``batch_size=1`` on one process) the chunks are one forward pass over the whole stream.
+    """
+
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 split: str = "evaluation"):
+        columns, targets = batch_size * world_size, len(ids) - 1
+        self.steps = max(targets, 0) // columns  # targets per column
+        if self.steps < 1:
+            most = f" to at most {targets // world_size}" if targets >= world_size else ""
+            raise DataError(
+                f"the {split} split has {len(ids)} tokens, too few for {columns} columns (batch size {batch_size} x "
+                f"{world_size} process(es)) of one scored token or more: lower the batch size{most}, or use more text"
+            )
+        # (columns, L+1), neighbours sharing one token; a view of ids, still memory-mapped
+        block = np.lib.stride_tricks.sliding_window_view(ids[: columns * self.steps + 1], self.steps + 1)[:: self.steps]
+        self.rows = block[rank * batch_size : (rank + 1) * batch_size]  # (B, L+1)
+        last = rank == world_size - 1
+        self.rest = ids[columns * self.steps :] if last and targets % columns else None  # the remainder's tokens
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        rest = 0 if self.rest is None else math.ceil((len(self.rest) - 1) / self.seq_len)
+        return math.ceil(self.steps / self.seq_len) + rest
+
+    def __iter__(self):
+        rest = [] if self.rest is None else [self.rest[None]]  # (1, r+1)
+        for rows in [self.rows, *rest]:
+            for start in range(0, rows.shape[1] - 1, self.seq_len):
+                window = torch.from_numpy(rows[:, start : start + self.seq_len + 1].astype(np.int64))  # (B, T+1)
+                yield window[:, :-1], window[:, 1:]
 
 
 class Sentences(Dataset):
@@ -156,7 +209,7 @@ def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers:
     change the dropout masks, and a resumed run would not repeat the original.
     """
     generator = torch.Generator().manual_seed(torch.initial_seed())
-    if isinstance(dataset, StreamChunks):
+    if isinstance(dataset, StreamChunks | EvaluationStream):  # batched already
         return DataLoader(dataset, batch_size=None, generator=generator, pin_memory=pin_memory)
     return DataLoader(dataset, batch_size=rows, shuffle=shuffle, sampler=sampler, collate_fn=pad_batch,
                       num_workers=num_workers, generator=generator, pin_memory=pin_memory)
@@ -174,8 +227,9 @@ def split_dataset(ids: np.ndarray, vocab: Vocab, mode: str, seq_len: int, batch_
             carries: a bidirectional model carries no state, yet trains on stream windows.
         seq_len: time steps per stream chunk; in sentence mode the longest training line.
         batch_size: stream columns on this process (the loader batches sentences itself).
-        train: the training pass. Only its sentences are cut to ``seq_len``: evaluation reads whole lines,
-            so that its score covers every token.
+        train: the training pass. Only its sentences are cut to ``seq_len``: evaluation reads whole lines, and
+            streams as :class:`EvaluationStream` does, so that its score covers every token; training drops a
+            stream's ragged tail and each column's first token (:class:`StreamChunks`).
         rank / world_size: this process and how many share the split (stream columns are split between them;
             sentences are dealt out by the loader's :class:`EvenShards`).
         name: the split, for messages.
@@ -183,11 +237,14 @@ def split_dataset(ids: np.ndarray, vocab: Vocab, mode: str, seq_len: int, batch_
         variable_seq_len: stream training chunks of varying length around ``seq_len`` (:class:`StreamChunks`).
 
     Raises:
-        DataError: too few tokens for the columns, no non-empty line, or fewer lines than processes.
+        DataError: too few tokens for the columns (the message says how many are possible), no non-empty line, or
+            fewer lines than processes.
     """
-    if mode == "stream":
-        return StreamChunks(ids, batch_size, seq_len, rank, world_size, name, variable=train and variable_seq_len,
+    if mode == "stream" and train:
+        return StreamChunks(ids, batch_size, seq_len, rank, world_size, name, variable=variable_seq_len,
                             seed=torch.initial_seed())
+    if mode == "stream":  # every target scored, whatever the columns
+        return EvaluationStream(ids, batch_size, seq_len, rank, world_size, name)
     if mode != "sentence":
         raise DataError(f"data mode {mode!r} is unknown: use one of {'|'.join(MODES)}")
     if vocab.bos_id is None:  # prepare() gives every sentence-mode vocabulary one
@@ -228,6 +285,9 @@ class TextDataModule(L.LightningDataModule):
         seq_len: time steps per chunk (stream) or the longest training example (sentence; validation and
             test lines are read whole, so every token is scored).
         batch_size / eval_batch_size: rows per batch on each process for training / evaluation.
+        test_batch_size: rows per batch on each process for the test split; ``None``: ``eval_batch_size``. In stream
+            mode the columns the split is cut into, and so the context each prediction has (AWD-LSTM scores its
+            test split as one column: ``test_batch_size=1``).
         split: train/valid/test fractions of the lines of a corpus that comes as one file.
         holdout: validate and test on text held out from training (``split``, or valid.txt/test.txt); False
             validates and tests on the training text itself, for a few lines learned by heart
@@ -249,6 +309,7 @@ class TextDataModule(L.LightningDataModule):
         seq_len: int = 128,
         batch_size: int = 64,
         eval_batch_size: int = 10,
+        test_batch_size: int | None = None,
         min_freq: int = 1,
         max_size: int | None = None,
         split: tuple[float, float, float] = (0.9, 0.05, 0.05),
@@ -310,8 +371,8 @@ class TextDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         hp = self.hparams
         for split in ("train", "valid", "test"):
-            rows = hp.batch_size if split == "train" else hp.eval_batch_size
-            self.datasets[split] = split_dataset(prepared.splits[split], prepared.vocab, hp.mode, hp.seq_len, rows,
+            self.datasets[split] = split_dataset(prepared.splits[split], prepared.vocab, hp.mode, hp.seq_len,
+                                                 self.rows(split),
                                                  train=split == "train", rank=rank, world_size=world, name=split,
                                                  scored=hp.scored, variable_seq_len=hp.variable_seq_len)
 
@@ -320,7 +381,11 @@ class TextDataModule(L.LightningDataModule):
         stream = self.datasets.get("train")
         if self.trainer is None or not isinstance(stream, StreamChunks):
             return {}
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed % len(stream)
+        # An epoch reads the pass's first num_training_batches chunks: all of them, or fewer with
+        # trainer.limit_train_batches. Once it has read them, the run goes on with the next pass from its first
+        # chunk, as Lightning goes on with the next epoch; the chunks left unread in this pass are never read.
+        processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        done = processed if processed < self.trainer.num_training_batches else 0
         # a pass under way (done > 0) has been counted in `passes`: the resumed run repeats its cuts
         return {"train_chunks_done": done, "train_pass": stream.passes - 1 if done else stream.passes}
 
@@ -331,14 +396,22 @@ class TextDataModule(L.LightningDataModule):
             stream.resume_at = state.get("train_chunks_done", 0)
             stream.passes = state.get("train_pass", 0)
 
+    def rows(self, split: str) -> int:
+        """Rows per batch on each process for ``split`` (``train``, ``valid`` or ``test``): stream columns, or lines."""
+        hp = self.hparams
+        if split == "train":
+            return hp.batch_size
+        if split == "test" and hp.test_batch_size is not None:
+            return hp.test_batch_size
+        return hp.eval_batch_size
+
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        rows = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
         dataset, sampler = self.datasets[split], None
         if split != "train" and isinstance(dataset, Sentences):  # each line scored once, on one process
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             sampler = EvenShards(dataset, world, rank)
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return make_loader(dataset, rows, shuffle, self.hparams.num_workers, sampler, pin_memory=on_gpu)
+        return make_loader(dataset, self.rows(split), shuffle, self.hparams.num_workers, sampler, pin_memory=on_gpu)
 
     def transfer_batch_to_device(self, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
                                  dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,4 +426,7 @@ class TextDataModule(L.LightningDataModule):
         return self._loader("valid")
 
     def test_dataloader(self) -> DataLoader:
+        if self.carries_state:  # the columns decide how much context each prediction has, and so the score
+            key = "eval_batch_size" if self.hparams.test_batch_size is None else "test_batch_size"
+            log.info("Testing on %d stream column(s) per process (data.%s)", self.rows("test"), key)
         return self._loader("test")

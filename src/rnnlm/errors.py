@@ -1,9 +1,6 @@
-"""The errors a user can fix, under one base class that every command catches (one line, exit status 2),
-and the checks that phrase a bad setting as ``key=value`` and how to fix it."""
+"""The errors a user can fix, under one base class that every command catches (one line, exit status 2)."""
 
 from __future__ import annotations
-
-import math
 
 
 class UserError(Exception):
@@ -34,16 +31,3 @@ class DiskFullError(UserError):
     """No space left (or the disk quota used up) where a file was being written; the message names the folder,
     the bytes the file needs and the bytes free. The file it would have replaced is left as it was."""
 
-
-def positive_integer(problems: list[str], key: str, value, allow_none: bool = False) -> None:
-    """Add a problem unless ``value`` is a positive integer (or None, with ``allow_none``)."""
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        extra = " or null" if allow_none else ""
-        problems.append(f"{key}={value} must be a positive integer{extra}")
-
-
-def positive_number(problems: list[str], key: str, value) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        problems.append(f"{key}={value} must be a positive number")

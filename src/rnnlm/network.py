@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnlm.backbone import CELLS, IMPLS, NONLINEARITIES, RecurrentBackbone, State
-from rnnlm.errors import ConfigError, positive_integer
+from rnnlm.backbone import RecurrentBackbone, State
+from rnnlm.errors import ConfigError
 from rnnlm.loss import IGNORE_INDEX, sequence_loss
 from rnnlm.minrnn import MIN_CELLS
 from rnnlm.regularization import embedding_dropout, sequence_dropout
+from rnnlm.schema import integer, network_problems
 
 SOFTMAXES = ("full", "adaptive")
 # Where the adaptive softmax's clusters start when model.adaptive_cutoffs is not given: the 2,000 most
@@ -29,6 +30,18 @@ def adaptive_cutoffs(vocab_size: int, cutoffs: tuple[int, ...] | None = None) ->
     if cutoffs is not None:
         return tuple(cutoffs)
     return tuple(c for c in DEFAULT_CUTOFFS if c < vocab_size - 1)
+
+
+def cluster_width_problems(model, clusters: int) -> list[str]:
+    """The adaptive softmax's cluster i projects to ``features / div_value**(i+1)`` units (rounded down, as torch.nn
+    does): a cluster of zero units could never be predicted."""
+    features = model.projection_size or model.hidden_size * (2 if model.bidirectional else 1)
+    width = int(features // (model.adaptive_div_value ** clusters))
+    if width >= 1:
+        return []
+    return [f"model.adaptive_div_value={model.adaptive_div_value} leaves cluster {clusters} of the adaptive softmax "
+            f"0 units wide ({features} / {model.adaptive_div_value}^{clusters}): lower model.adaptive_div_value "
+            f"(at most {features ** (1 / clusters):.4g}) or give fewer model.adaptive_cutoffs"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +117,8 @@ class NetworkConfig:
         if self.adaptive_cutoffs is not None:  # a list from YAML or a checkpoint: frozen, like the rest
             object.__setattr__(self, "adaptive_cutoffs", tuple(self.adaptive_cutoffs))
         problems = self.problems_of(self)
-        positive_integer(problems, "vocab_size", self.vocab_size)
+        if problem := integer(1).problem("vocab_size", self.vocab_size):
+            problems.append(problem)
         if self.softmax == "adaptive" and not problems:
             cutoffs = adaptive_cutoffs(self.vocab_size, self.adaptive_cutoffs)
             if not cutoffs:
@@ -116,6 +130,8 @@ class NetworkConfig:
             elif cutoffs[-1] >= self.vocab_size:
                 problems.append(f"model.adaptive_cutoffs={list(cutoffs)} must all be below the vocabulary size "
                                 f"({self.vocab_size:,}): lower them or drop the last")
+            else:
+                problems += cluster_width_problems(self, len(cutoffs))
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -132,18 +148,10 @@ class NetworkConfig:
     @staticmethod
     def problems_of(model) -> list[str]:
         """Every invalid field of ``model`` (this config, or the ``model.*`` settings before it is built)."""
-        problems: list[str] = []
-        if model.cell not in CELLS:
-            problems.append(f"model.cell={model.cell} is unknown: use model={'|'.join(CELLS)}")
-        positive_integer(problems, "model.hidden_size", model.hidden_size)
-        positive_integer(problems, "model.num_layers", model.num_layers)
-        positive_integer(problems, "model.embedding_dim", model.embedding_dim, allow_none=True)
-        for key in ("dropout", "input_dropout", "layer_dropout", "embedding_dropout", "weight_drop"):
-            value = getattr(model, key, None)  # settings from before an option existed lack it
-            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
-                problems.append(f"model.{key}={value} must be in [0, 1)")
-        if not isinstance(getattr(model, "locked_dropout", False), bool):
-            problems.append(f"model.locked_dropout={model.locked_dropout} must be true or false")
+        settings = model.settings() if isinstance(model, NetworkConfig) else dict(model.items())
+        problems = network_problems(settings)  # each field's type and range
+        if problems:  # the rules below compare fields, which needs them well typed
+            return problems
         if getattr(model, "weight_drop", 0) and model.cell in MIN_CELLS:
             problems.append(f"model.weight_drop drops hidden-to-hidden weights, which {model.cell} does not have "
                             "(its gates read only the input): set model.weight_drop=0")
@@ -151,9 +159,12 @@ class NetworkConfig:
             problems.append("model.embedding_dropout drops rows of the embedding, and model.embedding_dim=null feeds "
                             "one-hot vectors instead: set model.embedding_dim or model.embedding_dropout=0")
         projection = getattr(model, "projection_size", None)
-        positive_integer(problems, "model.projection_size", projection, allow_none=True)
-        if model.nonlinearity not in NONLINEARITIES:
-            problems.append(f"model.nonlinearity={model.nonlinearity} must be one of {'|'.join(NONLINEARITIES)}")
+        if model.nonlinearity != "tanh" and model.cell != "rnn":  # options a cell would silently ignore
+            problems.append(f"model.nonlinearity={model.nonlinearity} applies to model=rnn only ({model.cell} has its "
+                            "own fixed activations): drop it, or use model=rnn")
+        if model.reset_after is False and model.cell != "gru":
+            problems.append(f"model.reset_after=false applies to model=gru only ({model.cell} has no reset gate): "
+                            "drop it, or use model=gru")
         decoder_input = projection or model.hidden_size * (2 if model.bidirectional else 1)
         if model.tie_weights and model.embedding_dim != decoder_input:
             problems.append(
@@ -161,20 +172,10 @@ class NetworkConfig:
                 f"size ({decoder_input}): set model.embedding_dim={decoder_input}, "
                 f"model.projection_size={model.embedding_dim} or model.tie_weights=false"
             )
-        if model.impl not in IMPLS:
-            problems.append(f"model.impl={model.impl} must be one of {'|'.join(IMPLS)}")
         if model.cell == "gru" and not model.reset_after and model.impl != "scratch":
             problems.append("model.reset_after=false (the original GRU) has no fused kernel: add model.impl=scratch")
-        if model.softmax not in SOFTMAXES:
-            problems.append(f"model.softmax={model.softmax} must be one of {'|'.join(SOFTMAXES)}")
-        elif model.softmax == "adaptive":
-            cutoffs = model.adaptive_cutoffs
-            if cutoffs is not None and (not cutoffs or any(not isinstance(c, int) or isinstance(c, bool) or c < 1
-                                                           for c in cutoffs) or list(cutoffs) != sorted(set(cutoffs))):
-                problems.append(f"model.adaptive_cutoffs={list(cutoffs)} must be increasing token counts >= 1, "
-                                "e.g. [2000,10000] (or null for the default)")
-            if not model.adaptive_div_value >= 1:
-                problems.append(f"model.adaptive_div_value={model.adaptive_div_value} must be >= 1")
+        if model.softmax == "adaptive":
+            problems += cluster_width_problems(model, 1)  # the first cluster; the others once the vocabulary is known
             if model.tie_weights:
                 problems.append("model.tie_weights=true shares the embedding with a full decoder, which "
                                 "model.softmax=adaptive does not have: set model.tie_weights=false")

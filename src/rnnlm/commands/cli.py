@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import os
@@ -17,15 +18,18 @@ import torch
 from hydra import initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from rnnlm.checkpoint import written_by_torch
 from rnnlm.checks import equal_budget
 from rnnlm.errors import ConfigError, UserError
+from rnnlm.resume import resume_command_line
 
 # The stream loader is an IterableDataset with a length, read without worker processes, so the
 # length is exact; Lightning's warning about workers duplicating data does not apply.
@@ -70,14 +74,17 @@ def exit_on_user_error(task: Callable[..., T]) -> Callable[..., T]:
 
 def run_command(hydra_main: Callable[[], object], config_name: str) -> None:
     """Run a ``@hydra.main`` function once :func:`check_command_line` has passed its command line."""
+    if config_name == "train":  # settings of a resumed checkpoint's own groups (optimizer.nonmono of NT-ASGD)
+        sys.argv[1:] = resume_command_line(sys.argv[1:])
     exit_on_user_error(check_command_line)(config_name, sys.argv[1:])
     hydra_main()
 
 
 def check_command_line(config_name: str, argv: list[str]) -> None:
     """Compose the config as Hydra is about to, so that a misspelled key, an unknown choice, an unreadable
-    override, a sweep without ``-m`` or a run folder that cannot be made costs one line. Hydra reports these
-    in several lines, with exit status 1, from inside ``hydra.main`` where no wrapper can reach them.
+    override, a sweep without ``-m`` or a run folder that cannot be made costs one line (Hydra reports these
+    in several lines, with exit status 1, from inside ``hydra.main`` where no wrapper can reach them); then
+    check every value (:func:`job_problems`), so that a mistake never leaves a run folder behind.
 
     ``--help``, ``--info`` and the other flags, and another search path (``--config-dir``, ``--config-path``,
     as DDP processes are started with), are left to Hydra.
@@ -89,9 +96,10 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
     if (args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun
             or args.config_dir or args.config_path):
         return
+    command = args.config_name or config_name
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         # composed as hydra.main does to find the mode: for a sweep, with the sweeps' values left out
-        compose = functools.partial(GlobalHydra.instance().hydra.compose_config, args.config_name or config_name,
+        compose = functools.partial(GlobalHydra.instance().hydra.compose_config, command,
                                     run_mode=RunMode.MULTIRUN, validate_sweep_overrides=False)
         try:
             overrides = OverridesParser.create().parse_overrides(args.overrides)
@@ -104,25 +112,73 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
             # Each value of each sweep, before the first job starts: the i-th values of all sweeps together.
             values = [list(o.sweep_string_iterator()) if o in sweeps and o.value_type in LISTED_SWEEPS else []
                       for o in overrides]
-            for i in range(max(map(len, values), default=0)):
-                compose([f"{o.get_key_element()}={v[min(i, len(v) - 1)]}" if v else o.input_line
-                         for o, v in zip(overrides, values, strict=True)])
+            jobs = [compose([f"{o.get_key_element()}={v[min(i, len(v) - 1)]}" if v else o.input_line
+                             for o, v in zip(overrides, values, strict=True)])
+                    for i in range(max(map(len, values), default=0))] or [cfg]
         except HydraException as err:
-            raise ConfigError(describe_hydra_error(err)) from err
+            raise ConfigError(describe_hydra_error(err, command)) from err
+    if args.cfg is None:  # --cfg job only prints the config
+        # A single run is refused before its folder is made; in a sweep a job whose values do not fit is recorded
+        # as failed and the others run, unless no job would (a mistake outside the swept values).
+        problems = [job_problems(job, command, multirun, args.overrides) for job in jobs]
+        if all(problems):
+            raise ConfigError("; ".join(problems[0]))
     if args.cfg is None and cfg.hydra.output_subdir is not None:  # this run writes a folder
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         check_folder_writable(Path(OmegaConf.select(cfg, key)), key)
 
 
-def describe_hydra_error(err: HydraException) -> str:
+def job_problems(cfg: DictConfig, command: str, multirun: bool, overrides: list[str]) -> list[str]:
+    """What is wrong with one job's composed config (:func:`rnnlm.checks.check_config`), as the job will see it."""
+    from rnnlm.checks import CHECKS, check_config
+
+    if command not in CHECKS:  # another config (--config-name): Hydra's to check
+        return []
+    try:
+        _set_output_dir(cfg, multirun)
+    except OmegaConfBaseException as err:  # the folder's name refers to a key that is missing (~task_name)
+        return [f"the run folder's name cannot be resolved: {str(err).splitlines()[0]}"]
+    optimized = multirun and OmegaConf.select(cfg, "hydra.sweeper.direction", default=None) is not None
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra")  # as the job sees it
+    try:
+        check_config(cfg, command, overrides)
+        if optimized:  # a search (hparams_search=optuna) minimises what each job returns
+            from rnnlm.commands.train import check_optimized_metric
+
+            check_optimized_metric(cfg)
+    except UserError as err:
+        return [str(err)]
+    return []
+
+
+def _set_output_dir(cfg: DictConfig, multirun: bool) -> None:
+    """Set ``hydra.runtime.output_dir`` as Hydra does when the job starts, so that ``${hydra:runtime.output_dir}``
+    (``paths.output_dir``) resolves while the config is checked."""
+    folder = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.runtime.output_dir = str(Path(folder, "0") if multirun else Path(folder))
+    HydraConfig.instance().set_config(cfg)
+
+
+def describe_hydra_error(err: HydraException, command: str = "train") -> str:
     """Hydra's complaint about the command line, in one line with the fix."""
     if isinstance(err, MissingConfigException) and err.options:  # model=foo
         group, _, name = err.missing_cfg_file.rpartition("/")
         options = ", ".join(sorted(o for o in err.options if not o.startswith("_")))  # _*.yaml are shared bases
         return f"{group}={name} is not a choice: use one of {options}"
-    unknown = re.match(r"Could not override '([^']+)'", str(err))  # not in the config, nor in its defaults list
+    unknown = re.match(r"Could not (?:override|delete) '([^']+)'", str(err))  # not in the config, nor its defaults
     if unknown:
-        return f"{unknown[1]} is not a setting: check the name in rnnlm/conf/ (add a new key with +{unknown[1]}=...)"
+        from rnnlm.schema import TABLES, settings_table
+
+        key = unknown[1]
+        known = sorted(k for k in settings_table(command) if "*" not in k) if command in TABLES else []
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"check the names in rnnlm/conf/{command}.yaml"
+        if command == "train" and key.partition(".")[0] in ("trainer", "optimizer", "scheduler", "callbacks", "logger"):
+            hint += f" (an argument the config does not list is added with +{key}=...)"
+        return f"{key} is not a setting of rnnlm-{command}: {hint}"
     if isinstance(err, OverrideParseException):
         return (f"cannot read the override {err.override!r}: write key=value, and quote a value with spaces, "
                 "commas or non-ASCII letters: \"key='...'\" (https://hydra.cc/docs/advanced/override_grammar/basic)")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import glob
 import inspect
 import json
 import logging
@@ -14,10 +15,11 @@ import torch
 from omegaconf import DictConfig
 
 from rnnlm.checkpoint import LoadedModel, load_checkpoint, resolve_checkpoint
-from rnnlm.checks import ConfigError
+from rnnlm.checks import ConfigError, check_eval_config
 from rnnlm.commands.cli import CONF_DIR, check_output, exit_on_user_error, pick_device, run_command
-from rnnlm.corpora import SPLITS, DataError, path_source
+from rnnlm.corpora import DataError, path_source
 from rnnlm.datamodule import TextDataModule, make_loader, split_dataset
+from rnnlm.files import remove_stale_temporaries, write_atomically
 from rnnlm.loss import loss_in_units
 from rnnlm.prepare import encode_split
 
@@ -30,8 +32,7 @@ DATA_DEFAULTS = {name: p.default for name, p in inspect.signature(TextDataModule
 
 def evaluate(cfg: DictConfig) -> dict:
     """Token-weighted loss of the checkpoint on the chosen text, with the hidden state carried as in training."""
-    if cfg.split not in SPLITS:
-        raise ConfigError(f"split={cfg.split} must be one of {'|'.join(SPLITS)}")
+    check_eval_config(cfg)
     accelerator, devices = trainer_device(pick_device(cfg.device))
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
     loaded = load_checkpoint(ckpt_path)  # on the CPU: the Trainer moves the module to the device
@@ -51,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict:
             "does not match the model (a different language or tokenization?); evaluate on text like its training data"
         )
     mode, batch_size, seq_len = evaluation_layout(trained, loaded.info["world_size"], cfg.data.batch_size,
-                                                  cfg.data.seq_len)
+                                                  cfg.data.seq_len, split=split)
     dataset = split_dataset(ids, vocab, mode, seq_len, batch_size, name=split or "evaluation", scored=trained["scored"])
     trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
@@ -85,7 +86,8 @@ def recorded_data(loaded: LoadedModel) -> dict:
       state and reads one way was trained on sentences.
     - every other argument takes TextDataModule's default (:data:`DATA_DEFAULTS`), with a warning for
       ``seq_len`` and ``eval_batch_size``, which decide the stream windows: the score may then differ from
-      the run's own validation (give ``data.seq_len`` and ``data.batch_size`` to match it).
+      the run's own validation (give ``data.seq_len`` and ``data.batch_size`` to match it). A missing
+      ``test_batch_size`` is None: runs from before that setting tested with ``eval_batch_size``.
     """
     settings = {**DATA_DEFAULTS, **loaded.data}
     if "mode" not in loaded.data:
@@ -99,17 +101,21 @@ def recorded_data(loaded: LoadedModel) -> dict:
 
 
 def evaluation_layout(trained: dict, world_size: int, batch_size: int | None = None,
-                      seq_len: int | None = None) -> tuple[str, int, int]:
-    """``(mode, batch_size, seq_len)`` to read text as a training run read its validation split, from its data
-    settings (:func:`recorded_data`) and how many processes it ran on; a ``batch_size`` or ``seq_len`` given wins.
+                      seq_len: int | None = None, split: str | None = None) -> tuple[str, int, int]:
+    """``(mode, batch_size, seq_len)`` to read text as a training run read its validation split (or, for
+    ``split=test``, its test split), from its data settings (:func:`recorded_data`) and how many processes it ran
+    on; a ``batch_size`` or ``seq_len`` given wins.
 
-    Training cut the stream into ``eval_batch_size`` columns on each of its processes, rank r reading the
-    r-th block of them: one process reading as many columns in all scores the same tokens in the same
-    windows, so eval reproduces the logged val/loss. Sentences are scored whole whatever their batch, so
-    one process's batch size will do.
+    Training cut the stream into ``eval_batch_size`` columns on each of its processes (``test_batch_size``, when
+    set, for the test split), rank r reading the r-th block of them: one process reading as many columns in all
+    scores the same tokens in the same windows, so eval reproduces the logged val/loss and test/loss. Sentences
+    are scored whole whatever their batch, so one process's batch size will do.
     """
     stream = trained["mode"] == "stream"
-    batch_size = batch_size or trained["eval_batch_size"] * (world_size if stream else 1)
+    rows = trained["eval_batch_size"]
+    if split == "test" and trained["test_batch_size"] is not None:
+        rows = trained["test_batch_size"]
+    batch_size = batch_size or rows * (world_size if stream else 1)
     return trained["mode"], batch_size, seq_len or trained["seq_len"]
 
 
@@ -131,10 +137,11 @@ def trainer_device(device: torch.device) -> tuple[str, int | list[int]]:
 @exit_on_user_error
 def _hydra_main(cfg: DictConfig) -> None:
     output = check_output(cfg.output or Path(cfg.paths.output_dir) / "metrics.json", cfg.overwrite)
+    remove_stale_temporaries(output.parent, names=[glob.escape(output.name)])
     result = evaluate(cfg)
     metric = f"bpc {result['bpc']:.4f}" if "bpc" in result else f"ppl {result['ppl']:.2f}"
     print(f"{result['text']}: {result['tokens']:,} tokens | loss {result['loss']:.4f} nats | {metric}")
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomically(output, json.dumps(result, indent=2) + "\n", elsewhere="output=FILE")
     log.info("Metrics written to %s", output)
 
 

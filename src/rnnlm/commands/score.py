@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
+from rnnlm.checks import check_score_config
 from rnnlm.commands.cli import CONF_DIR, exit_on_user_error, pick_device, quote_free_text, run_command
 from rnnlm.corpora import read_lines
 from rnnlm.errors import ConfigError
@@ -20,8 +21,7 @@ from rnnlm.scoring import fill_blank, rank_candidates, rank_fillers, sentence_lo
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
 @exit_on_user_error
 def _hydra_main(cfg: DictConfig) -> None:
-    if (cfg.text is None) == (cfg.text_file is None):
-        raise ConfigError("give text=... (with candidates=[...] to fill a blank) or text_file=FILE, one of the two")
+    check_score_config(cfg)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
     loaded = load_checkpoint(ckpt_path, map_location=pick_device(cfg.device))  # the inputs follow the network
     net, vocab = loaded.net, loaded.vocab

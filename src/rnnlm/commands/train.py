@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import difflib
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -34,6 +36,10 @@ from rnnlm.callbacks import (
 from rnnlm.checkpoint import CheckpointError, checkpoint_vocab, read_checkpoint
 from rnnlm.checks import check_model_memory, check_train_config
 from rnnlm.commands.cli import CONF_DIR, exit_on_user_error, run_command
+from rnnlm.errors import ConfigError, DiskFullError, UserError
+from rnnlm.files import keep_logging_on_full_disk, remove_stale_temporaries, write_atomically
+from rnnlm.loss import loss_in_units
+from rnnlm.ntasgd import NTASGD
 from rnnlm.resume import resume_config
 from rnnlm.vocab import Vocab
 
@@ -77,29 +83,69 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = (),
     ``rnnlm-report`` reads. ``extra_callbacks`` join the configured ones (for programs that drive
     training, e.g. benchmarks). With ``cfg.ckpt_path``, ``overrides`` are the settings asked for on the
     command line (see :func:`rnnlm.resume.resume_config`).
+
+    Raises:
+        DiskFullError: no space left for a checkpoint or the summary (the message says if the summary was
+            not written either).
     """
     started = time.time()
     summary: dict = {"status": "running"}
     try:
         metrics = _fit(cfg, list(extra_callbacks), summary, overrides)
     except BaseException as err:
-        status = "interrupted" if isinstance(err, (TrainingInterrupted, KeyboardInterrupt)) else "failed"
-        summary.update(status=status, error=f"{type(err).__name__}: {err}".splitlines()[0][:500])
-        raise
-    else:
-        summary.update(status="ok", metrics=metrics)
-        return metrics
-    finally:
-        summary["wall_s"] = round(time.time() - started, 1)
-        if rank_zero_only.rank == 0:
-            write_json_atomically(Path(cfg.paths.output_dir) / SUMMARY_FILE, summary)
+        # Lightning's clean-up after a full disk may fail on it too (a logger's last write): report the first.
+        failure = _disk_full_cause(err) or err
+        status = "interrupted" if isinstance(failure, (TrainingInterrupted, KeyboardInterrupt)) else "failed"
+        summary.update(status=status, error=f"{type(failure).__name__}: {failure}".splitlines()[0][:500])
+        _write_summary(cfg, summary, started, failure)
+        if failure is err:
+            raise
+        raise failure from err
+    summary.update(status="ok", metrics=metrics)
+    _write_summary(cfg, summary, started)
+    return metrics
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+def _write_summary(cfg: DictConfig, summary: dict, started: float, failure: BaseException | None = None) -> None:
+    """``run_summary.json``, written atomically by the first process. If it cannot be written after the run
+    failed with a user error, the one line of that error says so too."""
+    summary["wall_s"] = round(time.time() - started, 1)
+    if rank_zero_only.rank != 0:
+        return
+    try:
+        write_atomically(Path(cfg.paths.output_dir) / SUMMARY_FILE, json.dumps(summary, indent=1, default=str) + "\n",
+                         elsewhere="paths.log_dir=DIR")
+    except (DiskFullError, OSError) as err:
+        if failure is None:
+            raise
+        reason = err if isinstance(err, DiskFullError) else err.strerror or err
+        if isinstance(failure, UserError):
+            message = f"{failure}; {SUMMARY_FILE} was not written either"
+            if not isinstance(failure, DiskFullError):
+                message += f" ({reason})"
+            raise type(failure)(message) from failure
+        log.error("%s was not written: %s", SUMMARY_FILE, reason)
+
+
+def _disk_full_cause(err: BaseException) -> DiskFullError | None:
+    """The :class:`DiskFullError` that ``err`` is, or that was being handled when ``err`` was raised."""
+    for _ in range(10):
+        if err is None or isinstance(err, DiskFullError):
+            return err
+        err = err.__context__
+    return None
+
+
+def remove_temporaries_of_killed_runs(cfg: DictConfig) -> None:
+    """Remove what a process killed while writing left beside the files of this run: in its folder, its
+    checkpoints' folder, the token cache, and the folder of the checkpoint it resumes."""
+    run, cache = Path(cfg.paths.output_dir), Path(cfg.paths.cache_dir).expanduser()
+    checkpoints = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    for folder in (run, run / "checkpoints", Path(checkpoints) if checkpoints else None, cache, cache / "recall"):
+        if folder is not None:
+            remove_stale_temporaries(folder)
+    if cfg.ckpt_path:  # any folder the user keeps checkpoints in: only the temporaries of checkpoints
+        remove_stale_temporaries(Path(cfg.ckpt_path).parent, names=["*.ckpt"])
 
 
 def check_same_vocabulary(ckpt_path: str, vocab: Vocab) -> None:
@@ -117,6 +163,8 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
     check_train_config(cfg)
     if cfg.ckpt_path:
         cfg = resume_config(cfg, overrides)
+    keep_logging_on_full_disk()  # train.log
+    remove_temporaries_of_killed_runs(cfg)
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.keep_freed_memory and keep_freed_memory():
@@ -168,8 +216,14 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    shown = [k for k in sorted(metrics) if k.startswith(("val/", "test/")) and not k.endswith(("_best", "/tokens"))]
-    log.info("Final: %s", " | ".join(f"{k} {metrics[k]:.4f}" for k in shown))
+        # which protocol the test numbers used: the stream columns (all processes) or lines per batch, as eval's
+        # batch_size (data.test_batch_size=1 reads the test split as one stream, as AWD-LSTM's reference does)
+        metrics["test/batch_size"] = float(datamodule.rows("test") * (trainer.world_size if datamodule.carries_state
+                                                                      else 1))
+    shown = [k for k in sorted(metrics) if k.startswith(("val/", "test/"))
+             and not k.endswith(("_best", "/tokens", "/batch_size"))]
+    columns = f" (test read as {metrics['test/batch_size']:.0f} column(s))" if "test/batch_size" in metrics else ""
+    log.info("Final: %s%s", " | ".join(f"{k} {metrics[k]:.4f}" for k in shown), columns)
     log.info("Run folder: %s", cfg.paths.output_dir)
     return metrics
 
@@ -181,16 +235,72 @@ def _without_hydra(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def returned_metrics(cfg: DictConfig) -> list[str]:
+    """The metrics a training run with ``cfg`` returns (what :func:`train` returns: the module's and the callbacks'
+    logged values, ``trainer.callback_metrics``), which ``optimized_metric`` may name.
+
+    ``val/*`` unless validation is off (``trainer.limit_val_batches=0``), ``test/*`` with ``test=true``; bits per
+    character for characters, perplexity for words; ``*/answer_acc`` with ``data.scored=last``.
+    """
+    names = ["train/loss", "train/grad_norm", "train/lr"]
+    if any(_builds(c, TokensPerSecond) for c in cfg.callbacks.values()):
+        names += ["train/tokens_seen", "train/tokens_per_s"]
+    validates = cfg.trainer.limit_val_batches != 0
+    stages = (["val"] if validates else []) + (["test"] if cfg.test else [])
+    unit = loss_in_units(1.0, cfg.data.level)[0]
+    for stage in stages:
+        names += [f"{stage}/loss", f"{stage}/{unit}", f"{stage}/tokens"]
+        names += [f"{stage}/answer_acc"] if cfg.data.get("scored") == "last" else []
+    names += ["test/batch_size"] if cfg.test else []  # the columns the test split was read as
+    if validates:
+        names.append("val/loss_best")
+        names += ["train/averaging"] if _builds(cfg.optimizer, NTASGD) else []
+    return names
+
+
+def _builds(node, cls: type) -> bool:
+    return isinstance(node, DictConfig) and node.get("_target_") == f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """Refuse an ``optimized_metric`` that a run with ``cfg`` does not return (a misspelling, ``val/ppl`` of a
+    character model, ``test/*`` with ``test=false``): an optimizing sweeper (``hparams_search=optuna``) would get
+    nothing from every trial.
+
+    Raises:
+        ConfigError: the message lists the metrics the run returns.
+    """
+    names = returned_metrics(cfg)
+    if cfg.optimized_metric not in names:
+        close = difflib.get_close_matches(str(cfg.optimized_metric), names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric} is not a metric this run returns{hint}: use one "
+                          f"of {', '.join(names)}")
+
+
+def failed_job_value() -> float:
+    """What a failed job of a sweep returns: the worst value for the sweeper's direction (+inf when it minimizes,
+    -inf when it maximizes). Optuna records it as the trial's value and steers away from it; the basic sweeper
+    ignores it. NaN would end an Optuna search: optuna 2 refuses a NaN, and the sweeper's recovery from that
+    fails in turn (two chained tracebacks)."""
+    direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction", default=None)
+    return -math.inf if "max" in str(direction).lower() else math.inf
+
+
 @exit_on_user_error
 def _run(cfg: DictConfig) -> float | None:
     overrides = list(HydraConfig.get().overrides.task)
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         return train(cfg, overrides=overrides).get(cfg.optimized_metric)
     try:  # in a sweep one failing job (a crash, a NaN, a bad combination) must not stop the others
-        return train(cfg, overrides=overrides).get(cfg.optimized_metric)
+        metrics = train(cfg, overrides=overrides)
     except Exception as err:  # recorded in the job's run_summary.json
         log.error("Job failed: %s: %s", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-        return float("nan")
+        return failed_job_value()
+    if cfg.optimized_metric not in metrics:  # e.g. no validation ran within the budget
+        log.error("Job returned no %s (it logged %s)", cfg.optimized_metric, ", ".join(sorted(metrics)) or "nothing")
+        return failed_job_value()
+    return metrics[cfg.optimized_metric]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
