@@ -1,4 +1,4 @@
-"""Train a recurrent language model: `python src/train.py model=gru data=char` (see rnnlm/conf/train.yaml)."""
+"""Train a recurrent language model: `python src/train.py model=gru data=char` (see conf/train.yaml)."""
 
 from rnnlm.commands.train import main
 

@@ -32,7 +32,7 @@ def tiny_corpus(tmp_path) -> Path:
 
 @pytest.fixture
 def make_cfg(tmp_path, shared_data, cache_dir):
-    """Compose rnnlm/conf/train.yaml with overrides, outputs under tmp_path, tiny sizes by default."""
+    """Compose conf/train.yaml with overrides, outputs under tmp_path, tiny sizes by default."""
 
     def _make(*overrides: str, tiny: bool = True, run_dir: Path | None = None) -> DictConfig:
         return compose_train(list(overrides), run_dir or tmp_path / "run", shared_data, cache_dir, tiny)

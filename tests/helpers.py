@@ -47,7 +47,7 @@ def write_tiny_corpus(folder: Path) -> Path:
 
 def compose_train(overrides: list[str], run_dir: Path, data_dir: Path, cache_dir: Path,
                   tiny: bool = True) -> DictConfig:
-    """rnnlm/conf/train.yaml with overrides, writing to run_dir; tiny sizes unless tiny=False."""
+    """conf/train.yaml with overrides, writing to run_dir; tiny sizes unless tiny=False."""
     base = [f"paths.data_dir={data_dir}", f"paths.cache_dir={cache_dir}", f"paths.log_dir={run_dir.parent}"]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=base + (TINY if tiny else []) + list(overrides))

@@ -1,4 +1,4 @@
-"""Every file under rnnlm/conf/ composes and instantiates; every experiment trains a few steps."""
+"""Every file under conf/ composes and instantiates; every experiment trains a few steps."""
 
 import dataclasses
 from pathlib import Path

@@ -193,7 +193,7 @@ def check_model_memory(cfg: DictConfig, vocab_size: int) -> None:
 
 
 def count_parameters(model: DictConfig, vocab_size: int) -> int:
-    """The parameters of the :class:`~rnnlm.network.LanguageModel` that ``model`` (rnnlm/conf/model) describes, with
+    """The parameters of the :class:`~rnnlm.network.LanguageModel` that ``model`` (conf/model) describes, with
     torch.nn's two biases per gate (the scratch cells keep one: a few hundred fewer; minGRU and minLSTM have one
     in both implementations)."""
     hidden, layers = model.hidden_size, model.num_layers

@@ -48,7 +48,7 @@ def cluster_width_problems(model, clusters: int) -> list[str]:
 class NetworkConfig:
     """Everything that shapes a :class:`LanguageModel`, and nothing else; ``model.*`` in the configs (and a
     checkpoint's ``network`` section) are its fields by name. A new model option is a field here and a
-    line in ``rnnlm/conf/model/_recurrent.yaml``.
+    line in ``conf/model/_recurrent.yaml``.
 
     Fields:
         vocab_size: number of token ids (comes from the data, not the config).

@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from rnnlm import CONF_DIR
 from rnnlm.checkpoint import CheckpointError, describe, last_checkpoints, read_checkpoint, read_run_config
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,6 @@ def check_resumable(cfg: DictConfig, checkpoint: dict, path: Path | str) -> None
 
 
 _DOTTED_KEY = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)+")  # group.key, as typed: model.hidden_size
-_CONF_DIR = Path(__file__).resolve().parent / "conf"  # rnnlm.commands.cli.CONF_DIR (cli may import this module)
 
 
 def resume_command_line(argv: list[str]) -> list[str]:
@@ -276,7 +276,7 @@ def resume_command_line(argv: list[str]) -> list[str]:
     if not candidates:
         return list(argv)
     try:  # what today's defaults give, with the groups chosen on the command line
-        with initialize_config_dir(str(_CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             today = compose("train", overrides=[o for o in args.overrides if o not in candidates])
     except Exception:  # a mistake elsewhere on the command line, which the checks report: add every key
         today = OmegaConf.create()

@@ -1,4 +1,4 @@
-"""Run folders: a new run never writes into another run's folder (Hydra callback, ``rnnlm/conf/hydra/default.yaml``)."""
+"""Run folders: a new run never writes into another run's folder (Hydra callback, ``conf/hydra/default.yaml``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The command-line programs, one module each, named as everywhere else: module ``rnnlm.commands.X``, config
-``rnnlm/conf/X.yaml``, console script ``rnnlm-X`` and checkout script ``src/X.py``.
+``conf/X.yaml``, console script ``rnnlm-X`` and checkout script ``src/X.py``.
 
 - ``train``: fit a model the config describes, with checkpoints, logs and ``run_summary.json``;
 - ``eval``: a checkpoint's loss (and perplexity or bits per character) on its test split or any text;
@@ -9,5 +9,5 @@
 
 :mod:`rnnlm.commands.cli` holds what they share: a user's mistake ends in one line and exit status 2.
 A new command is a module here with a ``main()``, a line in pyproject.toml's ``[project.scripts]``, and
-its config in ``rnnlm/conf/``.
+its config in ``conf/``.
 """

@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from rnnlm import CONF_DIR
 from rnnlm.checkpoint import written_by_torch
 from rnnlm.checks import equal_budget
 from rnnlm.errors import ConfigError, UserError
@@ -49,7 +50,6 @@ class _NoAdverts(logging.Filter):
 for _handler in logging.getLogger("lightning.pytorch").handlers:
     _handler.addFilter(_NoAdverts())
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # shipped inside the package, so any install has it
 OmegaConf.register_new_resolver("rnnlm.equal_budget", equal_budget, replace=True)  # experiment=long_range
 LISTED_SWEEPS = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
 T = TypeVar("T")
@@ -175,7 +175,7 @@ def describe_hydra_error(err: HydraException, command: str = "train") -> str:
         key = unknown[1]
         known = sorted(k for k in settings_table(command) if "*" not in k) if command in TABLES else []
         close = difflib.get_close_matches(key, known, n=3)
-        hint = f"did you mean {' or '.join(close)}?" if close else f"check the names in rnnlm/conf/{command}.yaml"
+        hint = f"did you mean {' or '.join(close)}?" if close else f"check the names in conf/{command}.yaml"
         if command == "train" and key.partition(".")[0] in ("trainer", "optimizer", "scheduler", "callbacks", "logger"):
             hint += f" (an argument the config does not list is added with +{key}=...)"
         return f"{key} is not a setting of rnnlm-{command}: {hint}"

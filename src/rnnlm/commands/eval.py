@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on its corpus's test split or any text (``rnnlm/conf/eval.yaml``):
+"""Evaluate a checkpoint on its corpus's test split or any text (``conf/eval.yaml``):
 ``rnnlm-eval ckpt_path=...``."""
 
 from __future__ import annotations

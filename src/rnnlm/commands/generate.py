@@ -1,4 +1,4 @@
-"""Generate text from a checkpoint (``rnnlm/conf/generate.yaml``): ``rnnlm-generate ckpt_path=... prompt=...``."""
+"""Generate text from a checkpoint (``conf/generate.yaml``): ``rnnlm-generate ckpt_path=... prompt=...``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Score sentences with a checkpoint (``rnnlm/conf/score.yaml``): fill-in-the-blank ranking and per-line
+"""Score sentences with a checkpoint (``conf/score.yaml``): fill-in-the-blank ranking and per-line
 log-probabilities (the scoring itself is :mod:`rnnlm.scoring`): ``rnnlm-score ckpt_path=... text=...``."""
 
 from __future__ import annotations

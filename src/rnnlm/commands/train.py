@@ -1,4 +1,4 @@
-"""Train a recurrent language model from the composed Hydra config (``rnnlm/conf/train.yaml``)."""
+"""Train a recurrent language model from the composed Hydra config (``conf/train.yaml``)."""
 
 from __future__ import annotations
 
