@@ -146,7 +146,7 @@ def write_checkpoint(checkpoint: dict, path: str | Path) -> None:
 
     path = Path(path)
     bad = [k for k, v in checkpoint.get("state_dict", {}).items()
-           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+           if torch.is_tensor(v) and not _finite(v)]
     if bad:
         raise NonFiniteError(
             f"the weights became NaN or infinite by step {checkpoint.get('global_step')} ({', '.join(bad[:3])}): "

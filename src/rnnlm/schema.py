@@ -164,10 +164,6 @@ def either(*settings: Setting, **options) -> Setting:
     return Setting(" or ".join(s.expects for s in settings), lambda v: any(s.accepts(v) for s in settings), **options)
 
 
-def any_value(**options) -> Setting:
-    return Setting("any value", lambda v: True, **options)
-
-
 def _import(path: Any):
     if not isinstance(path, str) or not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", path):
         return None
