@@ -171,6 +171,7 @@ def test_every_bad_value_of_every_key_works_or_is_refused_naming_the_key(command
         ("train", ["data=recall", "data.recall.examples=[10,0,5]"], "data.recall.examples=[10, 0, 5] must be a list"),
         ("train", ["data=recall", "data.recall.distance=abc"], "data.recall.distance=abc must be a positive integer"),
         ("train", ["~model.hidden_size"], "model.hidden_size is missing (was it deleted with ~model.hidden_size?)"),
+        ("train", ["~data.test_batch_size"], "data.test_batch_size cannot be deleted (~data.test_batch_size)"),  # null
         ("train", ["model.hidden_size=${model.oops}"], "model.hidden_size=${model.oops} cannot be resolved"),
         ("train", ["data=word", "model.softmax=adaptive", "model.hidden_size=16", "model.adaptive_div_value=100"],
          "model.adaptive_div_value=100 leaves cluster 1 of the adaptive softmax 0 units wide"),

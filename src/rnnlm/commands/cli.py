@@ -168,12 +168,15 @@ def describe_hydra_error(err: HydraException, command: str = "train") -> str:
         group, _, name = err.missing_cfg_file.rpartition("/")
         options = ", ".join(sorted(o for o in err.options if not o.startswith("_")))  # _*.yaml are shared bases
         return f"{group}={name} is not a choice: use one of {options}"
-    unknown = re.match(r"Could not (?:override|delete) '([^']+)'", str(err))  # not in the config, nor its defaults
+    # not in the config, nor in its defaults list; Hydra says the same of ~key when the key's value is null
+    unknown = re.match(r"Could not (?:override|delete) '([^']+)'|Could not delete from config\. '([^']+)'", str(err))
     if unknown:
         from rnnlm.schema import TABLES, settings_table
 
-        key = unknown[1]
+        key = unknown[1] or unknown[2]
         known = sorted(k for k in settings_table(command) if "*" not in k) if command in TABLES else []
+        if key in known:
+            return f"{key} cannot be deleted (~{key}): every setting needs a value; give {key}=... instead"
         close = difflib.get_close_matches(key, known, n=3)
         hint = f"did you mean {' or '.join(close)}?" if close else f"check the names in conf/{command}.yaml"
         if command == "train" and key.partition(".")[0] in ("trainer", "optimizer", "scheduler", "callbacks", "logger"):
