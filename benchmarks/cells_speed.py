@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from rnnlm.backbone import RecurrentBackbone
+from rnnlm.stack import RecurrentStack
 
 
 def per_token_us(forward, params, tokens: int, repeats: int, iters: int) -> float:
@@ -58,8 +58,8 @@ def bench_cell(cell: str, args) -> None:
     tokens = args.batch * args.seq
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.seq, args.hidden)
-    fused = RecurrentBackbone(cell, args.hidden, args.hidden, impl="fused")
-    scratch = RecurrentBackbone(cell, args.hidden, args.hidden, impl="scratch")
+    fused = RecurrentStack(cell, args.hidden, args.hidden, impl="fused")
+    scratch = RecurrentStack(cell, args.hidden, args.hidden, impl="scratch")
     scratch.load_fused_state_dict(fused.fused_state_dict())
 
     def run_fused_plain():
@@ -75,7 +75,7 @@ def bench_cell(cell: str, args) -> None:
         "scratch": measure(lambda: scratch(x)[0], scratch),
     }
     if not args.skip_compile:
-        compiled = RecurrentBackbone(cell, args.hidden, args.hidden, impl="scratch")
+        compiled = RecurrentStack(cell, args.hidden, args.hidden, impl="scratch")
         compiled.load_fused_state_dict(fused.fused_state_dict())
         compiled.compile()
         start = time.perf_counter()

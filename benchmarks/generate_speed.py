@@ -6,9 +6,9 @@ The baseline is what every RNN code does, and what pytorch/examples' word_langua
 carried hidden state, then ``torch.multinomial`` on softmax(logits / temperature) — no Lightning and
 no rnnlm code in the loop. Its weights are copied from rnnlm's network. rnnlm is
 ``rnnlm.sampling.generate_tokens`` on a ``rnnlm.network.LanguageModel`` (it reads the prompt once, then takes
-one ``Stepper`` step per token). Both draw from a CPU generator with the same seed, so on the CPU they
-write the same text, which is checked. A third column re-runs the model on the whole growing prefix for
-every token: the lecture's reference for "no carried state", which no RNN code does; it is measured at
+one step of every cell per token: ``LanguageModel.step``). Both draw from a CPU generator with the same seed, so on
+the CPU they write the same text, which is checked. A third column re-runs the model on the whole growing prefix
+for every token: the lecture's reference for "no carried state", which no RNN code does; it is measured at
 one sample only (it costs O(tokens²)) and ``--no-naive`` leaves it out.
 
     python benchmarks/generate_speed.py                                  # lstm and gru 2x512, 1 and 8 samples

@@ -4,7 +4,7 @@
 Each contender is a one-layer ``rnnlm.network.LanguageModel`` (char-level: vocabulary 65, embedding 128, hidden
 256 by default) trained with AdamW on random tokens, batch 32; a training step is forward, cross-entropy,
 backward and the optimizer step. The question is how the cost grows with the sequence length: torch.nn's kernels
-and the step-by-step loop take T steps one after another; the scan takes ``rnnlm.minrnn.SCAN_CHUNK`` (64) steps
+and the step-by-step loop take T steps one after another; the scan takes ``rnnlm.cells.scan.SCAN_CHUNK`` (64) steps
 at once, chunk after chunk.
 
     python benchmarks/scan_speed.py                             # seq 128, 512, 2048: 2-3 minutes on 2 CPU cores

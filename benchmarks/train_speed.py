@@ -48,13 +48,12 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from rnnlm.checks import GATES, ConfigError
+from rnnlm.checks import ConfigError
 from rnnlm.commands.cli import CONF_DIR, describe_hydra_error
 from rnnlm.commands.train import train
 from rnnlm.corpora import named_source
 from rnnlm.errors import UserError
-from rnnlm.minrnn import MIN_CELLS
-from rnnlm.network import adaptive_cutoffs
+from rnnlm.network import LanguageModel, NetworkConfig, adaptive_cutoffs, on_meta
 
 LAST_LOSSES = 50  # the final training loss is the mean of this many last steps (as raw_lm.py reports it)
 
@@ -153,10 +152,12 @@ def multiply_adds_per_token(cfg: DictConfig) -> float:
     model, data = cfg.model, instantiate(cfg.data, _convert_="all")
     vocab = len(data.vocab)
     directions = 2 if model.bidirectional else 1
-    inputs = [model.embedding_dim or vocab] + [model.hidden_size] * (model.num_layers - 1)  # one-hot: a dense product
-    recurrent_width = 0 if model.cell in MIN_CELLS else model.hidden_size  # min cells have no hidden-to-hidden product
-    recurrent = directions * sum(GATES[model.cell] * model.hidden_size * (i + recurrent_width) for i in inputs)
-    features = model.hidden_size * directions
+    # every element of a weight matrix is one multiply-add per token (one-hot inputs too: a dense product); the
+    # stack is built on the meta device, so any cell is counted from its own parameters
+    config = NetworkConfig.from_settings(model, vocab_size=vocab)
+    stack = on_meta(lambda: LanguageModel(config)).backbone
+    recurrent = directions * sum(p.numel() for p in stack.parameters() if p.dim() >= 2)
+    features = stack.output_size * directions
     if model.softmax != "adaptive":
         return 3.0 * (recurrent + features * vocab)
     cutoffs = [*adaptive_cutoffs(vocab, model.adaptive_cutoffs), vocab]

@@ -1,6 +1,7 @@
 """AWD-LSTM's regularizers (rnnlm.regularization, the model options, NT-ASGD, variable-length BPTT): what each one
 does to the numbers, and that a run using all of them trains, resumes exactly and evaluates its averaged weights."""
 
+import copy
 import unittest.mock
 import warnings
 
@@ -11,7 +12,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from rnnlm.backbone import RecurrentBackbone
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.eval import evaluate
@@ -23,6 +23,7 @@ from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.ntasgd import NTASGD
 from rnnlm.regularization import activation_penalty, embedding_dropout, locked_dropout
 from rnnlm.scoring import rank_candidates
+from rnnlm.stack import RecurrentStack
 
 # every AWD option on, at sizes that train in seconds
 AWD = ["model.locked_dropout=true", "model.input_dropout=0.3", "model.layer_dropout=0.2", "model.dropout=0.3",
@@ -73,11 +74,11 @@ def test_activation_penalties_by_hand():
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_weight_drop_is_the_same_dropconnect_in_both_implementations(cell):
     torch.manual_seed(0)
-    fused = RecurrentBackbone(cell, 5, 8, 2, dropout=0.3, bidirectional=True, weight_drop=0.5, locked_dropout=True)
-    scratch = RecurrentBackbone(cell, 5, 8, 2, dropout=0.3, bidirectional=True, impl="scratch", weight_drop=0.5,
-                                locked_dropout=True)
+    fused = RecurrentStack(cell, 5, 8, 2, dropout=0.3, bidirectional=True, weight_drop=0.5, locked_dropout=True)
+    scratch = RecurrentStack(cell, 5, 8, 2, dropout=0.3, bidirectional=True, impl="scratch", weight_drop=0.5,
+                             locked_dropout=True)
     scratch.load_fused_state_dict(fused.fused_state_dict())
-    assert set(fused.rnn.state_dict()) == set(nn.LSTM(5, 8, 2, bidirectional=True).state_dict())  # torch.nn's names
+    assert set(fused.fused_state_dict()) == set(nn.LSTM(5, 8, 2, bidirectional=True).state_dict())  # torch.nn's
     x = torch.randn(3, 7, 5)
     runs = []
     for backbone in (fused, scratch):
@@ -88,31 +89,36 @@ def test_weight_drop_is_the_same_dropconnect_in_both_implementations(cell):
         out.square().sum().backward()
         runs.append(out)
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # the scratch cells' gradients, in torch.nn's layout: load them as weights and convert
-        for p in scratch.parameters():
-            p.copy_(p.grad)
-    scratch_grads = scratch.fused_state_dict()
-    for name, p in fused.rnn.named_parameters():
+    grads = []
+    with torch.no_grad():  # each form's gradients, in torch.nn's layout: load them as weights and convert
+        for backbone in (fused, scratch):
+            with_grads = copy.deepcopy(backbone)
+            for p, original in zip(with_grads.parameters(), backbone.parameters(), strict=True):
+                p.copy_(original.grad)
+            grads.append(with_grads.fused_state_dict())
+    for name in grads[0]:
         if name.startswith("weight"):
-            torch.testing.assert_close(p.grad, scratch_grads[name], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
     torch.manual_seed(1)
     again, _ = fused(x)
     assert torch.equal(again, runs[0])  # same seed, same masks
     assert not torch.equal(fused(x)[0], again)  # a new call, new masks
     fused.eval()
-    torch.testing.assert_close(fused(x)[0], fused.rnn(x)[0])  # evaluation reads the weights themselves
+    plain = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell](5, 8, 2, batch_first=True, bidirectional=True)
+    plain.load_state_dict(fused.fused_state_dict())
+    torch.testing.assert_close(fused(x)[0], plain(x)[0])  # evaluation reads the weights themselves
 
 
 def test_weight_drop_gradient_reaches_only_the_kept_weights():
     torch.manual_seed(0)
-    backbone = RecurrentBackbone("rnn", 3, 6, 1, weight_drop=0.5)
+    backbone = RecurrentStack("rnn", 3, 6, 1, weight_drop=0.5)
     x = torch.randn(2, 5, 3)
     torch.manual_seed(7)
     out, _ = backbone(x)
     out.sum().backward()
     torch.manual_seed(7)
     kept = nn.functional.dropout(torch.ones(6, 6), 0.5) != 0  # the mask the forward call drew
-    grad = backbone.rnn.weight_hh_l0.grad
+    grad = backbone.cells[0].weight_hh.grad
     assert (grad[~kept] == 0).all() and (grad[kept] != 0).float().mean() > 0.9
 
 
@@ -122,7 +128,8 @@ def test_language_model_options_reach_the_network():
                            embedding_dropout=0.1, weight_drop=0.5)
     net = LanguageModel(config)
     assert net.decoder.weight is net.embedding.weight and net.projection.out_features == 8
-    assert net.backbone.dropout == 0.25 and net.backbone.weight_drop == 0.5 and net.backbone.locked_dropout
+    assert net.backbone.dropout == 0.25 and net.backbone.locked_dropout
+    assert all(cell.weight_drop == 0.5 for cell in net.backbone.cells)
     tokens = torch.randint(0, 50, (4, 9))
     features, state, outputs, dropped = net.features_and_outputs(tokens)
     assert features.shape == (4, 9, 8) and outputs.shape == dropped.shape == (4, 9, 16)
@@ -257,7 +264,7 @@ def test_variable_length_steps_scale_the_learning_rate(make_cfg, tiny_corpus):
 
 
 def test_awd_activation_penalty_is_optimized_but_not_logged_as_the_loss(make_cfg, tiny_corpus):
-    from rnnlm.module import RecurrentLM
+    from rnnlm.lightning_module import RecurrentLM
 
     seen = []
     original = RecurrentLM.training_step

@@ -6,8 +6,9 @@ import torch
 
 from rnnlm.corpora import DataError
 from rnnlm.datamodule import Sentences, StreamChunks, pad_batch
+from rnnlm.lightning_module import RecurrentLM
 from rnnlm.loss import IGNORE_INDEX, sequence_loss
-from rnnlm.module import RecurrentLM
+from rnnlm.state import state_tensors
 from rnnlm.vocab import BOS, EOS, UNK, Vocab
 
 
@@ -85,10 +86,11 @@ def test_hidden_state_is_carried_detached_between_chunks(cell):
     first, second = list(StreamChunks(ids, batch_size=2, seq_len=10))[:2]
     model._step(first, "train")
     carried = model._state["train"]
-    parts = carried if isinstance(carried, tuple) else (carried,)
+    parts = state_tensors(carried)
+    assert len(parts) == (4 if cell == "lstm" else 2)  # h (and c) of each of the two layers
     assert all(not p.requires_grad and p.grad_fn is None for p in parts)
     _, expected_end = model.net(first[0])  # the state at the end of chunk k, computed afresh
-    expected = expected_end if isinstance(expected_end, tuple) else (expected_end,)
+    expected = state_tensors(expected_end)
     assert all(torch.equal(p, e.detach()) for p, e in zip(parts, expected, strict=True))
     # chunk k+1 starts from exactly that state: same logits as running both chunks in one go
     both = torch.cat([first[0], second[0]], dim=1)

@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from rnnlm.backbone import RecurrentBackbone
-from rnnlm.cells import GRUCell, LSTMCell, RNNCell, ScratchRecurrent, from_fused, run_cell, to_fused
+from rnnlm.cells.gru import ScratchGRU
+from rnnlm.cells.lstm import ScratchLSTM
+from rnnlm.cells.rnn import ScratchRNN
 from rnnlm.network import LanguageModel, NetworkConfig
+from rnnlm.stack import RecurrentStack
 
 FUSED = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -31,22 +33,37 @@ def set_scalars(cell, **values):
 
 
 def one_step(cell, x: float, state):
-    out, final = run_cell(cell, torch.tensor([[[x]]]), state)
+    """The cell's sequence call over one step, and its one-step call: both must give the equations' h."""
+    out, final = cell(torch.tensor([[[x]]]), state)
+    h, stepped = cell.step(torch.tensor([[x]]), state)
+    torch.testing.assert_close(h, out[:, 0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(final, stepped, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     return out.item(), final
 
 
+def nn_state(state) -> tuple:
+    """Per-cell states -> torch.nn's (layers * directions, B, H) tensors, h (and c)."""
+    return tuple(torch.stack(parts) for parts in zip(*state, strict=True))
+
+
+def cell_states(nn_parts: tuple) -> tuple:
+    """torch.nn's (layers * directions, B, H) tensors -> per-cell states."""
+    return tuple(zip(*(p.unbind(0) for p in nn_parts), strict=True))
+
+
 def test_rnn_cell_by_hand():
-    cell = RNNCell(1, 1)
+    cell = ScratchRNN(1, 1)
     set_scalars(cell, W_x=0.5, W_h=-1.0, b=0.1)
-    h, _ = one_step(cell, 2.0, torch.tensor([[0.3]]))
+    h, _ = one_step(cell, 2.0, (torch.tensor([[0.3]]),))
     assert h == pytest.approx(math.tanh(0.5 * 2.0 - 1.0 * 0.3 + 0.1), abs=1e-6)
-    relu = RNNCell(1, 1, "relu")
+    relu = ScratchRNN(1, 1, "relu")
     set_scalars(relu, W_x=0.5, W_h=-1.0, b=0.1)
-    assert one_step(relu, -2.0, torch.tensor([[0.3]]))[0] == 0.0
+    assert one_step(relu, -2.0, (torch.tensor([[0.3]]),))[0] == 0.0
 
 
 def test_lstm_cell_by_hand():
-    cell = LSTMCell(1, 1)
+    cell = ScratchLSTM(1, 1)
     w = dict(W_xi=0.1, W_hi=0.2, b_i=0.3, W_xf=0.4, W_hf=0.5, b_f=0.6, W_xg=0.7, W_hg=0.8, b_g=0.9,
              W_xo=1.0, W_ho=1.1, b_o=1.2)
     set_scalars(cell, **w)
@@ -63,7 +80,7 @@ def test_lstm_cell_by_hand():
 
 @pytest.mark.parametrize("reset_after", [False, True])
 def test_gru_cell_by_hand(reset_after):
-    cell = GRUCell(1, 1, reset_after=reset_after)
+    cell = ScratchGRU(1, 1, reset_after=reset_after)
     w = dict(W_xr=0.3, W_hr=-0.2, b_r=0.1, W_xz=0.5, W_hz=0.4, b_z=-0.3, W_xg=0.9, W_hg=-1.5, b_g=0.2)
     set_scalars(cell, **w, **({"b_hg": 0.7} if reset_after else {}))
     x, h0 = 0.8, 0.6
@@ -73,29 +90,25 @@ def test_gru_cell_by_hand(reset_after):
         g = math.tanh(w["W_xg"] * x + w["b_g"] + r * (w["W_hg"] * h0 + 0.7))
     else:  # reset, then multiply: tanh(W_hg (r h) + W_xg x + b_g)
         g = math.tanh(w["W_hg"] * (r * h0) + w["W_xg"] * x + w["b_g"])
-    assert one_step(cell, x, torch.tensor([[h0]]))[0] == pytest.approx((1 - z) * g + z * h0, abs=1e-6)
+    assert one_step(cell, x, (torch.tensor([[h0]]),))[0] == pytest.approx((1 - z) * g + z * h0, abs=1e-6)
 
 
 def test_gru_forms_differ_in_where_the_reset_applies():
     torch.manual_seed(0)
-    before, after = GRUCell(3, 4, reset_after=False), GRUCell(3, 4, reset_after=True)
+    before, after = ScratchGRU(3, 4, reset_after=False), ScratchGRU(3, 4, reset_after=True)
     after.load_state_dict({**before.state_dict(), "b_hg": torch.zeros(4)})
-    x, h = torch.randn(2, 5, 3), torch.randn(2, 4)
-    assert not torch.allclose(run_cell(before, x, h)[0], run_cell(after, x, h)[0], atol=1e-4)
+    x, h = torch.randn(2, 5, 3), (torch.randn(2, 4),)
+    assert not torch.allclose(before(x, h)[0], after(x, h)[0], atol=1e-4)
 
 
-def _grads_in_fused_layout(scratch: ScratchRecurrent) -> dict:
+def _grads_in_fused_layout(cell: str, scratch: RecurrentStack) -> dict:
     """Gradients of the scratch parameters arranged like torch.nn's, through the same conversion."""
-    with_grads = ScratchRecurrent(scratch.mode, 1, scratch.hidden_size, scratch.num_layers,
-                                  bidirectional=scratch.directions == 2)
-    with_grads.cells = nn.ModuleList(
-        type(c)(c.input_size, c.hidden_size, **({"reset_after": True} if c.kind == "gru" else {}))
-        for c in scratch.cells)
+    with_grads = RecurrentStack(cell, 5, 7, scratch.num_layers, bidirectional=scratch.directions == 2,
+                                impl="scratch")
     with torch.no_grad():
-        for copy, cell in zip(with_grads.cells, scratch.cells, strict=True):
-            for name, p in cell.named_parameters():
-                getattr(copy, name).copy_(p.grad)
-    return to_fused(with_grads)
+        for name, p in with_grads.named_parameters():
+            p.copy_(scratch.get_parameter(name).grad)
+    return with_grads.fused_state_dict()
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -103,23 +116,23 @@ def _grads_in_fused_layout(scratch: ScratchRecurrent) -> dict:
 def test_scratch_equals_fused_outputs_and_gradients(cell, bidirectional):
     torch.manual_seed(0)
     fused = FUSED[cell](5, 7, num_layers=2, batch_first=True, bidirectional=bidirectional)
-    scratch = ScratchRecurrent(cell, 5, 7, num_layers=2, bidirectional=bidirectional)
-    from_fused(scratch, fused.state_dict())
+    scratch = RecurrentStack(cell, 5, 7, num_layers=2, bidirectional=bidirectional, impl="scratch")
+    scratch.load_fused_state_dict(fused.state_dict())
     x1 = torch.randn(3, 6, 5, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_()
     d = 2 if bidirectional else 1
     h0 = torch.randn(2 * d, 3, 7)
     state = (h0, torch.randn(2 * d, 3, 7)) if cell == "lstm" else h0
     out_f, final_f = fused(x1, state)
-    out_s, final_s = scratch(x2, state)
+    out_s, final_s = scratch(x2, cell_states(state if cell == "lstm" else (state,)))
     torch.testing.assert_close(out_f, out_s, rtol=1e-5, atol=1e-5)
-    for a, b in zip(final_f if cell == "lstm" else [final_f], final_s if cell == "lstm" else [final_s], strict=True):
+    for a, b in zip(final_f if cell == "lstm" else [final_f], nn_state(final_s), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     upstream = torch.randn_like(out_f)
     (out_f * upstream).sum().backward()
     (out_s * upstream).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
-    grads = _grads_in_fused_layout(scratch)
+    grads = _grads_in_fused_layout(cell, scratch)
     for name, p in fused.named_parameters():
         if name.startswith("bias_hh"):  # the textbook b is bias_ih + bias_hh: both get b's gradient
             keep = slice(0, 14) if cell == "gru" else slice(None)  # GRU's candidate keeps its own b_hg
@@ -129,14 +142,14 @@ def test_scratch_equals_fused_outputs_and_gradients(cell, bidirectional):
         else:
             assert_close_named(p.grad, grads[name], name)
     restored = FUSED[cell](5, 7, num_layers=2, batch_first=True, bidirectional=bidirectional)
-    restored.load_state_dict(to_fused(scratch))  # and back: the converted weights give the same outputs
+    restored.load_state_dict(scratch.fused_state_dict())  # and back: the converted weights give the same outputs
     torch.testing.assert_close(restored(x1, state)[0], out_f, rtol=1e-5, atol=1e-6)
 
 
 def test_language_model_weights_convert_between_implementations():
     torch.manual_seed(0)
-    fused = LanguageModel(NetworkConfig(40, "gru", 8, 16, 2, 0.0, impl="fused")).eval()
-    scratch = LanguageModel(NetworkConfig(40, "gru", 8, 16, 2, 0.0, impl="scratch")).eval()
+    fused = LanguageModel(NetworkConfig(40, "gru", 8, [16, 12], 2, 0.0, impl="fused")).eval()
+    scratch = LanguageModel(NetworkConfig(40, "gru", 8, [16, 12], 2, 0.0, impl="scratch")).eval()
     other = {k: v for k, v in fused.state_dict().items() if not k.startswith("backbone.")}
     scratch.load_state_dict(other, strict=False)
     scratch.backbone.load_fused_state_dict(fused.backbone.fused_state_dict())
@@ -163,6 +176,6 @@ def test_bidirectional_lm_never_sees_its_target(impl):
 
 def test_reset_before_gru_has_no_fused_form():
     with pytest.raises(ValueError, match="impl=scratch"):
-        RecurrentBackbone("gru", 4, 4, impl="fused", reset_after=False)
+        RecurrentStack("gru", 4, 4, impl="fused", cell_settings={"reset_after": False})
     with pytest.raises(ValueError, match="no fused form"):
-        to_fused(ScratchRecurrent("gru", 4, 4, reset_after=False))
+        RecurrentStack("gru", 4, 4, impl="scratch", cell_settings={"reset_after": False}).fused_state_dict()

@@ -21,6 +21,7 @@ from rnnlm.checkpoint import (
 )
 from rnnlm.commands.cli import exit_on_user_error
 from rnnlm.errors import CheckpointError
+from rnnlm.lightning_module import RecurrentLM
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.vocab import Vocab
 
@@ -45,14 +46,15 @@ DAMAGES = {
     "no-state-dict": (("state_dict",), DELETE, "has no weights (no 'state_dict' section)"),
     "no-format": (("rnnlm", "format"), DELETE, "has no 'rnnlm.format' entry"),
     "format-99": (("rnnlm", "format"), 99,
-                  "was written by a newer rnnlm (format 99, this one reads up to 1): upgrade rnnlm"),
+                  f"was written by a newer rnnlm (format 99, this one reads up to {CHECKPOINT_FORMAT}): upgrade rnnlm"),
     "nan-weight": (("state_dict", "net.decoder.bias"), lambda w: torch.full_like(w, math.nan),
                    "hold NaN or infinite values (net.decoder.bias): the file is damaged or the run diverged; "
                    "use an earlier checkpoint"),
     "inf-weight": (("state_dict", "net.embedding.weight"), lambda w: w.index_fill(0, torch.tensor(3), -math.inf),
                    "hold NaN or infinite values (net.embedding.weight)"),
     "hidden-size-abc": (("rnnlm", "network", "hidden_size"), "abc",
-                        "are invalid (model.hidden_size=abc must be a positive integer)"),
+                        "are invalid (model.hidden_size=abc must be a positive integer (at most 16,777,216), or a "
+                        "list"),
     "init-range-text": (("rnnlm", "network", "init_range"), "x", "model.init_range=x must be a positive number"),
     "carry-state-text": (("rnnlm", "carry_state"), "yes", "is 'yes', not true or false"),
     "iterate-shape": ((ITERATE_KEY,), {"net.decoder.bias": torch.zeros(5)},
@@ -138,12 +140,14 @@ def test_what_training_writes_besides_the_network_passes(checkpoint, tmp_path):
     data["rnnlm"]["world_size"] = 2
     check_checkpoint(data, tmp_path / "sound.ckpt")
     torch.save(data, tmp_path / "sound.ckpt")
-    assert load_checkpoint(tmp_path / "sound.ckpt").module.net.config.hidden_size == 32
+    assert RecurrentLM.from_loaded(load_checkpoint(tmp_path / "sound.ckpt")).net.config.hidden_size == 32
 
 
 @pytest.mark.parametrize("network", [
     dict(cell="gru", impl="scratch", reset_after=False),
     dict(cell="rnn", nonlinearity="relu", weight_drop=0.3, impl="scratch"),
+    dict(cell="lstm", num_layers=3, hidden_size=[8, 12, 4], embedding_dim=4, tie_weights=True),
+    dict(cell="examples.indrnn:IndRNN", num_layers=2, recurrent_max=0.5),
     dict(cell="mingru"),
     dict(cell="minlstm", impl="scratch", num_layers=2),
     dict(cell="lstm", bidirectional=True, embedding_dim=16, tie_weights=True),
@@ -152,7 +156,7 @@ def test_what_training_writes_besides_the_network_passes(checkpoint, tmp_path):
 ])
 def test_a_sound_checkpoint_of_every_network_kind_passes(network, tmp_path):
     vocab = Vocab("char", [f"t{i}" for i in range(40)])
-    net = LanguageModel(NetworkConfig(vocab_size=len(vocab), **{"hidden_size": 8, "embedding_dim": 4, **network}))
+    net = LanguageModel(NetworkConfig.from_settings({"hidden_size": 8, "embedding_dim": 4, **network}, len(vocab)))
     data = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}
     write_model_section(data, net.config, vocab, carry_state=True, world_size=1)
     assert data["rnnlm"]["format"] == CHECKPOINT_FORMAT

@@ -175,8 +175,22 @@ def test_every_bad_value_of_every_key_works_or_is_refused_naming_the_key(command
         ("train", ["model.hidden_size=${model.oops}"], "model.hidden_size=${model.oops} cannot be resolved"),
         ("train", ["data=word", "model.softmax=adaptive", "model.hidden_size=16", "model.adaptive_div_value=100"],
          "model.adaptive_div_value=100 leaves cluster 1 of the adaptive softmax 0 units wide"),
-        ("train", ["model=mingru", "model.reset_after=false"], "model.reset_after=false applies to model=gru only"),
-        ("train", ["model=minlstm", "model.nonlinearity=relu"], "model.nonlinearity=relu applies to model=rnn only"),
+        ("train", ["model=mingru", "model.reset_after=false"], "model.reset_after applies to model=gru only"),
+        ("train", ["model=minlstm", "model.nonlinearity=relu"], "model.nonlinearity applies to model=rnn only"),
+        ("train", ["model=rnn", "model.cell=lstm", "model.nonlinearity=relu"],
+         "model.nonlinearity=relu applies to model=rnn only (lstm does not read it)"),
+        ("train", ["model.cell=nosuchcell"],
+         "model.cell=nosuchcell is not a cell: use one of rnn|lstm|gru|mingru|minlstm"),
+        ("train", ["model.cell=nosuchmodule:Cell"], "model.cell=nosuchmodule:Cell cannot be imported (no module named "
+                                                     "'nosuchmodule' on the Python path)"),
+        ("train", ["model.cell=torch.nn:LSTM"], "model.cell=torch.nn:LSTM is not a cell: torch.nn.modules.rnn.LSTM is "
+                                                 "not a subclass of rnnlm.cells.RecurrentCell"),
+        ("train", ["model.cell=examples.indrnn:IndRNN", "model.impl=scratch"], "model.impl=scratch picks a form of a "
+                                                                               "built-in cell"),
+        ("train", ["model.cell=examples.indrnn:IndRNN", "model.recurrent_max=-1"],
+         "model.recurrent_max=-1 must be a positive number"),
+        ("train", ["model=mingru", "model.weight_drop=0.5"], "model.cell=mingru does not support weight drop"),
+        ("train", ["model.hidden_size=[16,16,16]"], "gives 3 widths for model.num_layers=2: give one width per layer"),
         ("train", ["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 must be a number >= 0"),
         ("train", ["+trainer.profilr=simple"], "trainer.profilr is not an argument of lightning.pytorch.Trainer "
                                                "(did you mean trainer.profiler?)"),

@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from rnnlm.cells import BUILT_IN, setting_defaults
 from rnnlm.checkpoint import CHECKPOINT_KEY
 from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.train import train
@@ -81,13 +82,18 @@ def test_trainer_options_in_the_yaml_keep_lightning_defaults(make_cfg):
     assert (ours.progress_bar_callback is None) == (plain.progress_bar_callback is None)
 
 
-def test_the_model_settings_are_the_network_configs_fields(make_cfg):
-    model = make_cfg().model
-    fields = {f.name for f in dataclasses.fields(NetworkConfig)} - {"vocab_size"}
+@pytest.mark.parametrize("cell", list(BUILT_IN))
+def test_the_model_settings_are_the_network_configs_fields_and_the_cells_own(make_cfg, cell):
+    model = make_cfg(f"model={cell}").model
+    fields = {f.name for f in dataclasses.fields(NetworkConfig)} - {"vocab_size", "cell_settings"}
     how_it_trains = {"_target_", "compile", "cuda_graph", "activation_reg", "temporal_activation_reg"}
-    assert set(model) - how_it_trains == fields  # one YAML line per field, no more
+    own = setting_defaults(BUILT_IN[cell]["fused"])
+    assert set(model) - how_it_trains == fields | set(own)  # one YAML line per field and per setting of the cell
+    assert {name: model[name] for name in own} == own  # conf/model/<cell>.yaml has the class's defaults
+    for form in BUILT_IN[cell].values():  # both forms declare the same settings
+        assert setting_defaults(form) == own
     built = NetworkConfig.from_settings(model, vocab_size=57)
-    assert built == NetworkConfig(vocab_size=57, **{name: model[name] for name in fields})
+    assert built == NetworkConfig(vocab_size=57, **{name: model[name] for name in fields}, cell_settings=own)
 
 
 def test_a_network_config_checks_itself_and_cannot_change():

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 import rnnlm.checks
-import rnnlm.module
+import rnnlm.lightning_module
 from rnnlm.checks import ConfigError
 from rnnlm.commands.train import train
 from rnnlm.cuda_graph import GraphedStep
+from rnnlm.stack import RecurrentStack
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -104,7 +105,7 @@ def _emulate_graphs(monkeypatch) -> list[GraphedStep]:
         return made[-1]
 
     monkeypatch.setattr(rnnlm.checks, "_cuda_graph_problems", lambda cfg: [])
-    monkeypatch.setattr(rnnlm.module, "GraphedStep", make)
+    monkeypatch.setattr(rnnlm.lightning_module, "GraphedStep", make)
     return made
 
 
@@ -177,7 +178,7 @@ def test_cuda_graph_settings_are_checked_up_front(make_cfg, overrides, message):
 def _lstm_step(device, clip_val=0.25):
     torch.manual_seed(0)
     embedding = torch.nn.Embedding(50, 16).to(device)
-    rnn = torch.nn.LSTM(16, 32, 2, batch_first=True).to(device)
+    rnn = RecurrentStack("lstm", 16, 32, 2).to(device)  # its state: per-cell (h, c) pairs
     decoder = torch.nn.Linear(32, 50).to(device)
     params = [*embedding.parameters(), *rnn.parameters(), *decoder.parameters()]
 

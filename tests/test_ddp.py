@@ -39,7 +39,7 @@ def test_ddp_on_two_cpu_processes_matches_single_process_evaluation(tmp_path, ti
     with torch.no_grad():
         for inputs, targets in valid:
             # the remainder, read last as one more column, starts from a fresh state
-            state = state if state is not None and state[0].size(-2) == inputs.size(0) else None
+            state = state if state is not None and state[0][0].size(0) == inputs.size(0) else None
             logits, state = loaded.net(inputs, state)
             batch_total, batch_count = sequence_loss(logits, targets)
             total, count = total + batch_total.item(), count + batch_count.item()

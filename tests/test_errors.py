@@ -15,7 +15,6 @@ from rnnlm.checks import ConfigError, check_model_memory, check_train_config, co
 from rnnlm.commands.cli import CONF_DIR, check_command_line, check_output, pick_device
 from rnnlm.commands.generate import read_prompt
 from rnnlm.commands.train import train
-from rnnlm.minrnn import MIN_CELLS
 from rnnlm.network import LanguageModel, NetworkConfig
 
 
@@ -124,10 +123,7 @@ def test_a_gpu_trainer_without_a_gpu_is_refused(make_cfg, monkeypatch):
 def test_parameter_count_matches_the_built_model(make_cfg, overrides):
     model = make_cfg(*overrides).model
     built = LanguageModel(NetworkConfig.from_settings(model, vocab_size=57)).num_parameters()
-    if model.impl == "fused" or model.cell in MIN_CELLS:  # the min cells keep one layout in both
-        assert count_parameters(model, 57) == built
-    else:  # one bias per gate instead of torch.nn's two
-        assert built < count_parameters(model, 57) < 1.02 * built
+    assert count_parameters(model, 57) == built  # counted on the same network, built on the meta device
 
 
 def test_a_model_too_large_for_the_memory_is_refused(make_cfg):

@@ -184,12 +184,12 @@ def test_weight_drop_on_the_gpu_keeps_the_fused_kernel_quiet_and_equal(cell):
     contiguous chunk (which AWD-LSTM's own code produces), and the same numbers as the scratch cells."""
     import warnings
 
-    from rnnlm.backbone import RecurrentBackbone
+    from rnnlm.stack import RecurrentStack
 
     torch.manual_seed(0)
-    fused = RecurrentBackbone(cell, 16, 32, 3, dropout=0.3, weight_drop=0.5, locked_dropout=True).to(DEVICE)
-    scratch = RecurrentBackbone(cell, 16, 32, 3, dropout=0.3, weight_drop=0.5, locked_dropout=True,
-                                impl="scratch").to(DEVICE)
+    fused = RecurrentStack(cell, 16, 32, 3, dropout=0.3, weight_drop=0.5, locked_dropout=True).to(DEVICE)
+    scratch = RecurrentStack(cell, 16, 32, 3, dropout=0.3, weight_drop=0.5, locked_dropout=True,
+                             impl="scratch").to(DEVICE)
     scratch.load_fused_state_dict(fused.fused_state_dict())
     x = torch.randn(8, 20, 16, device=DEVICE)
     outputs = []
@@ -205,11 +205,11 @@ def test_weight_drop_on_the_gpu_keeps_the_fused_kernel_quiet_and_equal(cell):
 
 @pytest.mark.parametrize("cell", ["mingru", "minlstm"])
 def test_the_parallel_scan_on_the_gpu_equals_the_step_by_step_form(cell):
-    from rnnlm.backbone import RecurrentBackbone
+    from rnnlm.stack import RecurrentStack
 
     torch.manual_seed(0)
-    scan = RecurrentBackbone(cell, 16, 32, 2).to(DEVICE)
-    loop = RecurrentBackbone(cell, 16, 32, 2, impl="scratch").to(DEVICE)
+    scan = RecurrentStack(cell, 16, 32, 2).to(DEVICE)
+    loop = RecurrentStack(cell, 16, 32, 2, impl="scratch").to(DEVICE)
     loop.load_state_dict(scan.state_dict())
     x = torch.randn(4, 512, 16, device=DEVICE)
     torch.testing.assert_close(scan(x)[0], loop(x)[0], rtol=1e-4, atol=1e-5)

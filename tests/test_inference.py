@@ -20,9 +20,8 @@ from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.eval import evaluate
 from rnnlm.commands.generate import generate_texts
 from rnnlm.commands.train import train
-from rnnlm.minrnn import MIN_CELLS
 from rnnlm.network import LanguageModel, NetworkConfig
-from rnnlm.sampling import Stepper, generate_tokens
+from rnnlm.sampling import generate_tokens
 from rnnlm.scoring import rank_candidates, sentence_logprobs
 from rnnlm.vocab import UNK, Vocab, VocabularyError
 
@@ -47,14 +46,16 @@ def overfit_runs(tmp_path_factory, shared_data, cache_dir) -> dict[str, Path]:
 
 def test_incremental_decoding_gives_the_full_sequence_logits():
     torch.manual_seed(0)
-    configs = [NetworkConfig(30, cell, embedding_dim, 24, 3, 0.3,
-                             nonlinearity="relu" if cell == "rnn" else "tanh")
-               for cell in ("rnn", "lstm", "gru") for embedding_dim in (16, None)]
-    # the reset-before GRU has no torch.nn form: the stepper computes it from the textbook cells' weights
-    configs.append(NetworkConfig(30, "gru", 16, 24, 2, 0.0, impl="scratch", reset_after=False))
+    configs = [NetworkConfig(30, cell, embedding_dim, 24, 3, 0.3, impl=impl,
+                             cell_settings={"nonlinearity": "relu"} if cell == "rnn" else {})
+               for cell in ("rnn", "lstm", "gru") for embedding_dim in (16, None) for impl in ("fused", "scratch")]
+    # the reset-before GRU has no torch.nn form: it steps with its own equations
+    configs.append(NetworkConfig(30, "gru", 16, 24, 2, 0.0, impl="scratch", cell_settings={"reset_after": False}))
+    # layers of different widths
+    configs.append(NetworkConfig(30, "lstm", 16, [24, 16], 2, 0.0, tie_weights=True))
     # minGRU and minLSTM step without the scan that trains them, from either implementation's weights
     configs += [NetworkConfig(30, cell, embedding_dim, 24, 3, 0.3, impl=impl)
-                for cell in MIN_CELLS for embedding_dim in (16, None) for impl in ("fused", "scratch")]
+                for cell in ("mingru", "minlstm") for embedding_dim in (16, None) for impl in ("fused", "scratch")]
     configs.append(NetworkConfig(30, "lstm", 16, 48, 2, 0.0, projection_size=16, tie_weights=True))
     configs.append(NetworkConfig(30, "mingru", 16, 24, 2, 0.0, projection_size=16))
     for config in configs:
@@ -63,14 +64,12 @@ def test_incremental_decoding_gives_the_full_sequence_logits():
         with torch.no_grad():
             full, final = net(tokens)
             _, state = net(tokens[:, :4])
-        stepper = Stepper(net)
-        layers, steps = stepper.split_state(state), []
+        steps = []
         for t in range(4, 12):
-            logits, layers = stepper.step(tokens[:, t], layers)
+            logits, state = net.step(tokens[:, t], state)
             steps.append(logits)
         torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], rtol=1e-5, atol=1e-5, msg=str(config))
-        joined = stepper.join_state(layers)  # and the carried state is the kernel's final state
-        torch.testing.assert_close(joined, final, rtol=1e-5, atol=1e-5, msg=str(config))
+        torch.testing.assert_close(state, final, rtol=1e-5, atol=1e-5, msg=str(config))  # the kernel's final state
 
 
 def _random_net():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from rnnlm.backbone import KerasRecurrent, RecurrentBackbone
-from rnnlm.cells import RESET_BEFORE_HAS_NO_FUSED_FORM
+from rnnlm.cells.gru import RESET_BEFORE_HAS_NO_FUSED_FORM
+from rnnlm.keras import KerasRecurrent
+from rnnlm.stack import RecurrentStack
 
 UNITS, BATCH, STEPS, FEATURES = 3, 2, 4, 5
 UNIDIRECTIONAL = "unidirectional"  # not wrapped in Bidirectional (merge_mode=None is a Bidirectional case)
@@ -21,10 +22,9 @@ def assert_close(actual, expected, name: str) -> None:
 
 def expected_keras_result(layer: KerasRecurrent, x: torch.Tensor, merge_mode) -> list[torch.Tensor]:
     """What Keras 3 returns, flattened, from the backbone's own outputs and final state."""
-    outputs, state = layer.backbone(x)  # (B, T, D*H); state (num_layers*D, B, H) [pair for LSTM]
-    states = state if isinstance(state, tuple) else (state,)
+    outputs, state = layer.backbone(x)  # (B, T, D*H); state: per cell, (h,) or (h, c), layer-major
     directions = layer.backbone.directions
-    top = [s[s.size(0) - directions + d] for d in range(directions) for s in states]  # h_fwd, [c_fwd,] h_bwd, ...
+    top = [t for cell in state[len(state) - directions:] for t in cell]  # h_fwd, [c_fwd,] h_bwd, ...
     seq = layer.return_sequences
     if merge_mode == UNIDIRECTIONAL:
         outs = [outputs if seq else outputs[:, -1]]
@@ -106,9 +106,10 @@ def test_keras_stacked_bidirectional_states_are_the_top_layers():
                            num_layers=2)
     x = torch.randn(BATCH, STEPS, FEATURES)
     forward, backward, h_fwd, c_fwd, h_bwd, c_bwd = layer(x)
-    _, (h, c) = layer.backbone(x)  # (num_layers * 2, B, H): layer-major, forward first
-    for actual, wanted, name in [(h_fwd, h[2], "h_fwd"), (c_fwd, c[2], "c_fwd"), (h_bwd, h[3], "h_bwd"),
-                                 (c_bwd, c[3], "c_bwd"), (forward, h[2], "forward"), (backward, h[3], "backward")]:
+    _, state = layer.backbone(x)  # per cell, layer-major, forward first
+    (h2, c2), (h3, c3) = state[2], state[3]
+    for actual, wanted, name in [(h_fwd, h2, "h_fwd"), (c_fwd, c2, "c_fwd"), (h_bwd, h3, "h_bwd"),
+                                 (c_bwd, c3, "c_bwd"), (forward, h2, "forward"), (backward, h3, "backward")]:
         assert_close(actual, wanted, name)
 
 
@@ -128,13 +129,14 @@ def test_keras_reset_before_gru_runs_from_scratch_cells():
 def test_reset_before_gru_weights_do_not_convert_to_or_from_torch_nn():
     assert "\n" not in RESET_BEFORE_HAS_NO_FUSED_FORM and "keep impl=scratch" in RESET_BEFORE_HAS_NO_FUSED_FORM
     torch.manual_seed(0)
-    backbone = RecurrentBackbone("gru", 4, 4, num_layers=2, impl="scratch", reset_after=False)
+    backbone = RecurrentStack("gru", 4, 4, num_layers=2, impl="scratch", cell_settings={"reset_after": False})
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     message = re.escape(RESET_BEFORE_HAS_NO_FUSED_FORM)
     with pytest.raises(ValueError, match=message):
         backbone.fused_state_dict()
+    reset_after = RecurrentStack("gru", 4, 4, num_layers=2, impl="scratch").fused_state_dict()
     with pytest.raises(ValueError, match=message):  # was: AttributeError: 'GRUCell' object has no attribute 'b_hg'
-        backbone.load_fused_state_dict(backbone.fused_state_dict(strict=False))
+        backbone.load_fused_state_dict(reset_after)
     with pytest.raises(ValueError, match=message):
         backbone.load_fused_state_dict(nn.GRU(4, 4, num_layers=2, batch_first=True).state_dict())
     for name, value in backbone.state_dict().items():  # the refused load left every weight as it was

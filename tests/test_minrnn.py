@@ -17,16 +17,33 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from helpers import REPO, TINY
+from rnnlm.cells import BUILT_IN
+from rnnlm.cells.scan import SCAN_CHUNK
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.checks import count_parameters, equal_budget
 from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.eval import evaluate
 from rnnlm.commands.generate import generate_texts
 from rnnlm.diagnostics import gradient_flow
-from rnnlm.minrnn import GATES, MIN_CELLS, SCAN_CHUNK, MinRecurrent
 from rnnlm.network import LanguageModel, NetworkConfig
-from rnnlm.sampling import Stepper, generate_tokens
+from rnnlm.sampling import generate_tokens
 from rnnlm.scoring import rank_candidates
+from rnnlm.stack import RecurrentStack
+
+MIN_CELLS = ("mingru", "minlstm")
+
+
+class MinRecurrent(RecurrentStack):
+    """A stack of min cells whose state is one (layers * directions, B, H) tensor, as torch.nn.GRU's."""
+
+    def __init__(self, cell, input_size, hidden_size, num_layers=1, dropout=0.0, bidirectional=False, parallel=True,
+                 locked=False):
+        super().__init__(cell, input_size, hidden_size, num_layers, dropout, bidirectional,
+                         impl="fused" if parallel else "scratch", locked_dropout=locked)
+
+    def forward(self, x, state=None):
+        outputs, final = super().forward(x, None if state is None else tuple((h,) for h in state.unbind(0)))
+        return outputs, torch.stack([h for h, in final])
 
 
 def _pair(cell: str, layers: int, bidirectional: bool, dtype=torch.float32) -> tuple[MinRecurrent, MinRecurrent]:
@@ -148,11 +165,11 @@ def _extreme_model(cell: str, values: tuple[float, ...]) -> LanguageModel:
     """A one-layer model with one unit per combination of ``values`` across the gates (the candidate's too), as
     biases. Weights and embeddings are multiples of 1/2 (W_x x within ±4 in steps of 1/4), so that every
     implementation computes the same pre-activations, exactly."""
-    gates = GATES[cell]
+    gates = BUILT_IN[cell]["fused"].gate_letters
     combinations = list(itertools.product(values, repeat=len(gates)))
     torch.manual_seed(0)
     net = LanguageModel(NetworkConfig(11, cell, 4, len(combinations), 1, dropout=0.0)).eval()
-    min_cell = net.backbone.rnn.cells[0]
+    min_cell = net.backbone.cells[0]
     with torch.no_grad():
         net.embedding.weight.copy_(torch.randint(-2, 3, net.embedding.weight.shape) / 2)
         for n, gate in enumerate(gates):
@@ -165,7 +182,7 @@ def _extreme_model(cell: str, values: tuple[float, ...]) -> LanguageModel:
 def _textbook(cell: str, pre: torch.Tensor) -> torch.Tensor:
     """The paper's equations step by step from h_0 = 0, with σ, f / (f + i) and all, in 40-digit decimal arithmetic
     (no underflow, no 0/0): pre-activations (B, T, G*H) -> h (B, T, H), rounded to float64."""
-    gates = len(GATES[cell])
+    gates = len(BUILT_IN[cell]["fused"].gate_letters)
     batch, steps, hidden = pre.size(0), pre.size(1), pre.size(2) // gates
     out = torch.empty(batch, steps, hidden, dtype=torch.float64)
     with decimal.localcontext() as context:
@@ -200,13 +217,12 @@ def test_extreme_pre_activations_give_the_textbook_states_in_every_implementatio
     scratch.load_state_dict(fused.state_dict())  # one state dict loads into either
     tokens = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        pre = F.linear(fused.embed(tokens), *fused.backbone.rnn.cells[0].stacked())  # (B, T, G*H)
+        pre = F.linear(fused.embed(tokens), *fused.backbone.cells[0].stacked())  # (B, T, G*H)
     expected = _textbook(cell, pre)
-    stepper = Stepper(fused)  # generation's recurrent step, from zeros
-    layers, stepped = stepper.split_state(torch.zeros(1, 2, fused.config.hidden_size)), []
+    state, stepped = None, []  # generation's recurrent step, from zeros
     for token in tokens.unbind(1):
-        _, layers = stepper.step(token, layers)
-        stepped.append(layers[0])
+        _, state = fused.step(token, state)
+        stepped.append(state[0][0])
     got = {"scan": fused.features_and_outputs(tokens)[2], "loop": scratch.features_and_outputs(tokens)[2],
            "generation": torch.stack(stepped, 1)}
     for name, h in got.items():
@@ -225,7 +241,7 @@ def test_a_minlstm_whose_gates_are_shut_generates(impl):
     torch.manual_seed(0)
     net = LanguageModel(NetworkConfig(12, "minlstm", 16, 32, 2, dropout=0.0, impl=impl))
     with torch.no_grad():
-        for min_cell in net.backbone.rnn.cells:
+        for min_cell in net.backbone.cells:
             min_cell.b_f.fill_(-200.0)
             min_cell.b_i.fill_(-200.0)
     prompt = torch.arange(4).repeat(2, 1)  # (2, 4)
@@ -233,11 +249,9 @@ def test_a_minlstm_whose_gates_are_shut_generates(impl):
     tokens = generate_tokens(net, prompt, 6, generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (2, 6)
     logits, state = net.eval()(prompt)
-    stepper = Stepper(net)
-    layers = stepper.split_state(state)
-    assert torch.isfinite(logits).all() and torch.isfinite(state).all()
+    assert torch.isfinite(logits).all() and all(torch.isfinite(h).all() for h, in state)
     for token in tokens.unbind(1):
-        logits, layers = stepper.step(token, layers)
+        logits, state = net.step(token, state)
         assert torch.isfinite(logits).all()
 
 
@@ -279,7 +293,9 @@ def test_gradient_flow_is_measured_for_min_cells():
     tokens = torch.randint(0, 20, (2, 10))
     norms, gates = gradient_flow(net, tokens, tokens)
     assert len(norms) == 10 and all(math.isfinite(n) and n > 0 for n in norms)
-    assert gates == {}  # the gate histograms are the LSTM's and GRU's
+    assert set(gates) == {"update"} and gates["update"].shape == (10, 2, 2, 16)  # (T, layers, B, H)
+    z = torch.sigmoid(F.linear(net.embed(tokens[:, :1])[:, 0], net.backbone.cells[0].W_xz, net.backbone.cells[0].b_z))
+    torch.testing.assert_close(gates["update"][0, 0], z)  # the first layer's update gate at the first step
 
 
 def _cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -13,14 +13,14 @@ from hydra import compose, initialize_config_dir
 
 from helpers import REPO
 from rnnlm.checkpoint import load_checkpoint
-from rnnlm.checks import ConfigError, check_train_config, cpu_runs_bf16_lstm
+from rnnlm.checks import ConfigError, check_train_config, cpu_runs_in_bf16
 from rnnlm.commands import eval as eval_command
 from rnnlm.commands import generate as generate_command
 from rnnlm.commands import score as score_command
 from rnnlm.commands.cli import CONF_DIR, pick_device
 from rnnlm.commands.eval import evaluate, trainer_device
 from rnnlm.commands.generate import generate_texts
-from rnnlm.sampling import Stepper, generate_tokens
+from rnnlm.sampling import generate_tokens
 from rnnlm.scoring import sentence_logprobs
 
 TINY_RUN = ("test=false", "logger=csv")
@@ -51,7 +51,7 @@ def test_a_loaded_network_is_on_the_device_asked_for(ckpt):
     # ... and generation runs there: the prompt, the stepper's weights and the carried state all on it
     new = generate_tokens(loaded.net, torch.zeros(3, 2, dtype=torch.long, device="meta"), 5, greedy=True)
     assert new.shape == (3, 5) and new.device.type == "meta"
-    assert {w.device.type for layer in Stepper(loaded.net).layers for w in layer} == {"meta"}
+    assert {w.device.type for w in loaded.net.parameters()} == {"meta"}
     # the rest of the training checkpoint (optimizer, weights for eval's Trainer) stays off the device
     assert {v.device.type for v in loaded.state_dict.values()} == {"cpu"}
 
@@ -109,7 +109,7 @@ def test_each_command_puts_the_model_on_the_device_asked_for(device, expected, c
 
 def test_16_bit_checkpoints_load_in_float32_and_run(train_tiny, tmp_path, shared_data, cache_dir):
     # bf16-mixed training where this CPU can run the LSTM in bfloat16; the 16-bit weights below are loaded either way
-    precision = "bf16-mixed" if cpu_runs_bf16_lstm("bf16-mixed") else "32-true"
+    precision = "bf16-mixed" if cpu_runs_in_bf16("lstm", "fused", "bf16-mixed") else "32-true"
     mixed = train_tiny(*TINY_RUN, f"trainer.precision={precision}") / "checkpoints" / "last.ckpt"
     raw = torch.load(mixed, weights_only=True)
     assert {v.dtype for v in raw["state_dict"].values()} == {torch.float32}  # mixed precision keeps float32 weights
@@ -148,8 +148,14 @@ def test_a_device_that_cannot_be_used_is_one_error_line(ckpt, tmp_path, capsys, 
 
 
 def test_bf16_on_a_cpu_that_cannot_run_the_lstm_in_it_is_refused_up_front(make_cfg, monkeypatch):
-    monkeypatch.setattr("rnnlm.checks.cpu_runs_bf16_lstm", lambda precision: False)
-    with pytest.raises(ConfigError, match="trainer.precision=bf16-mixed: this CPU cannot run torch.nn.LSTM in "
-                                          "bfloat16 .*use trainer.precision=32-true, or model.impl=scratch"):
+    monkeypatch.setattr("rnnlm.checks.cpu_runs_in_bf16", lambda cell, impl, precision: cell != "lstm")
+    with pytest.raises(ConfigError, match="trainer.precision=bf16-mixed: this CPU cannot run model.cell=lstm "
+                                          r"\(model.impl=fused\) in bfloat16 .*use trainer.precision=32-true, or "
+                                          "another model.impl"):
         check_train_config(make_cfg("trainer.precision=bf16-mixed"))
-    check_train_config(make_cfg("trainer.precision=bf16-mixed", "model=gru"))  # GRU runs in bfloat16 on any CPU
+    check_train_config(make_cfg("trainer.precision=bf16-mixed", "model=gru"))
+
+
+@pytest.mark.parametrize("cell,impl", [("lstm", "scratch"), ("gru", "fused"), ("mingru", "fused")])
+def test_the_bf16_probe_runs_the_cell_itself(cell, impl):
+    assert cpu_runs_in_bf16(cell, impl, "bf16-mixed") and cpu_runs_in_bf16(cell, impl, "bf16-true")

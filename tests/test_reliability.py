@@ -16,7 +16,7 @@ from rnnlm.checkpoint import CheckpointError, NonFiniteError
 from rnnlm.commands.train import train
 from rnnlm.corpora import DataError
 from rnnlm.errors import ConfigError
-from rnnlm.module import RecurrentLM
+from rnnlm.lightning_module import RecurrentLM
 
 
 def test_same_seed_same_loss_curve(make_cfg, tiny_corpus, tmp_path):

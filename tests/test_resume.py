@@ -17,6 +17,7 @@ import torch
 from helpers import REPO, TINY
 from rnnlm.checkpoint import CheckpointError, NonFiniteError, load_checkpoint
 from rnnlm.commands.train import train
+from rnnlm.lightning_module import RecurrentLM
 from rnnlm.resume import resume_config
 
 
@@ -197,13 +198,18 @@ def test_a_checkpoint_of_the_previous_format_still_evaluates_and_resumes(make_cf
     # rnnlm 0.1 wrote the best loss as a buffer, one process's carried state, and no config
     resume = data["rnnlm_resume"]
     data["state_dict"]["best_val_loss"] = torch.tensor(resume.pop("best_val_loss"), dtype=torch.float64)
-    resume["train_state"] = tuple(s[0] for s in resume.pop("train_state_by_rank"))
+    by_cell = resume.pop("train_state_by_rank")  # per cell (h, c), each (world, B, H): 0.1 kept (layers, B, H) h, c
+    resume["train_state"] = tuple(torch.stack([cell[n][0] for cell in by_cell]) for n in range(2))
     resume.update(data.pop("rnnlm_random"))  # the random streams were kept in the resume section
     del data["rnnlm_config"], resume["configured_lr"]
+    data["rnnlm"]["format"] = 1  # and one torch.nn.LSTM per stack
+    data["state_dict"] = {re.sub(r"backbone\.cells\.(\d+)\.(\w+)$", r"backbone.rnn.\2_l\1", k): v
+                          for k, v in data["state_dict"].items()}
+    assert "net.backbone.rnn.weight_hh_l0" in data["state_dict"]
     old = tmp_path / "old" / "checkpoints" / "last.ckpt"
     old.parent.mkdir(parents=True)
     torch.save(data, old)
-    module = load_checkpoint(old).module  # what eval.py evaluates
+    module = RecurrentLM.from_loaded(load_checkpoint(old))  # what eval.py evaluates
     assert module.best_val_loss == math.inf and module.net.config.hidden_size == 32
     metrics = train(make_cfg(f"data.path={tiny_corpus}", "test=false", "trainer.max_steps=5", f"ckpt_path={old}",
                              run_dir=tmp_path / "b"))
@@ -211,8 +217,6 @@ def test_a_checkpoint_of_the_previous_format_still_evaluates_and_resumes(make_cf
 
 
 def test_divergence_between_logged_steps_is_still_caught(make_cfg, tiny_corpus, monkeypatch):
-    from rnnlm.module import RecurrentLM
-
     step = RecurrentLM._step
 
     def diverging_step(self, batch, stage):  # the loss turns NaN at the 3rd training step, and stays NaN

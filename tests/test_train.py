@@ -128,7 +128,7 @@ def test_one_hot_input_has_no_embedding(make_cfg, tiny_corpus):
     train(cfg)
     loaded = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     assert loaded.net.embedding is None
-    assert loaded.net.backbone.rnn.input_size == len(loaded.vocab)
+    assert loaded.net.backbone.cells[0].input_size == len(loaded.vocab)
 
 
 @pytest.mark.parametrize("corpus", ["alice", "nsmc"])

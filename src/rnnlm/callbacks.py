@@ -24,13 +24,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from rnnlm.checkpoint import (
     NonFiniteError,
     restore_random_state,
+    upgrade_checkpoint,
     write_checkpoint,
     write_random_state,
     write_run_config,
 )
 from rnnlm.files import write_atomically
+from rnnlm.lightning_module import writes_logs
 from rnnlm.loss import IGNORE_INDEX, loss_in_units
-from rnnlm.module import writes_logs
 from rnnlm.sampling import generate_tokens
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,15 @@ DECIDE_EVERY_N_STEPS = 10  # distributed runs agree this often whether a signal 
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, through :func:`rnnlm.checkpoint.write_checkpoint` (atomic, finite only)."""
+    """Lightning's checkpoint writer, through :func:`rnnlm.checkpoint.write_checkpoint` (atomic, finite only), and
+    its reader, which upgrades an older format."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         write_checkpoint(checkpoint, path)
+
+    def load_checkpoint(self, path, *args, **kwargs) -> dict:
+        """Lightning's reader, with an older format brought up to this one (:func:`upgrade_checkpoint`)."""
+        return upgrade_checkpoint(super().load_checkpoint(path, *args, **kwargs))
 
 
 class TrainingInterrupted(BaseException):  # noqa: N818 - not an Exception: a sweep must stop too, as on Ctrl-C

@@ -9,25 +9,23 @@ from __future__ import annotations
 import datetime
 import math
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from rnnlm.backbone import State, map_state
+from rnnlm.cells import cell_problem, is_class_path
 from rnnlm.errors import CheckpointError, ConfigError, NonFiniteError
 from rnnlm.files import write_atomically
-from rnnlm.network import LanguageModel, NetworkConfig
+from rnnlm.network import LanguageModel, NetworkConfig, network_shapes
+from rnnlm.state import State
 from rnnlm.vocab import Vocab
-
-if TYPE_CHECKING:
-    from rnnlm.module import RecurrentLM
 
 # rnnlm's sections of a Lightning checkpoint, all plain data so that it loads with weights_only=True:
 CHECKPOINT_KEY = "rnnlm"  # what eval/generate/score read: the network's config, the vocabulary, how training read text
-CHECKPOINT_FORMAT = 1
+# 2: one cell module per layer (net.backbone.cells.<k>.*), states as per-cell tuples (rnnlm.state); 1 is upgraded
+CHECKPOINT_FORMAT = 2
 CONFIG_KEY = "rnnlm_config"  # the training run's config, so `ckpt_path=...` alone resumes it
 RESUME_KEY = "rnnlm_resume"  # what only a resumed run reads: carried hidden state, best loss, configured lr
 RANDOM_KEY = "rnnlm_random"  # the random streams, so a resumed run draws the dropout masks it would have drawn
@@ -49,6 +47,54 @@ def write_model_section(checkpoint: dict, network: NetworkConfig, vocab: Vocab, 
         "carry_state": carry_state,
         "world_size": world_size,  # stream columns were eval_batch_size x this
     }
+
+
+def upgrade_checkpoint(checkpoint: dict) -> dict:
+    """Bring a checkpoint of an older format to this one, in place (and return it); a current one is left alone.
+
+    Format 1 kept each stack as one ``torch.nn.LSTM``-like module (``net.backbone.rnn.weight_ih_l0``, or the
+    textbook cells as ``net.backbone.rnn.cells.0.W_xi``) and carried states as (layers, B, H) tensors, an (h, c)
+    pair for LSTM; format 2 has one cell per layer (``net.backbone.cells.0.weight_ih``) and a tuple of states per
+    cell. The parameters keep their order, so the optimizer's state (kept by position) needs no change.
+    """
+    section = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(section, dict) or section.get("format") != 1:
+        return checkpoint
+    for key in ("state_dict", ITERATE_KEY):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint[key] = {_format2_name(name): value for name, value in checkpoint[key].items()}
+    resume = checkpoint.get(RESUME_KEY)
+    if isinstance(resume, dict):
+        if "train_state" in resume:  # rnnlm 0.1: one process's state
+            resume["train_state_by_rank"] = _by_rank(resume.pop("train_state"), lambda s: s[None])
+        resume["train_state_by_rank"] = _by_rank(resume.get("train_state_by_rank"), lambda s: s)
+    config = checkpoint.get(CONFIG_KEY)
+    if isinstance(config, dict) and isinstance(config.get("model"), dict) \
+            and config["model"].get("_target_") == "rnnlm.module.RecurrentLM":
+        config["model"]["_target_"] = "rnnlm.lightning_module.RecurrentLM"
+    section["format"] = CHECKPOINT_FORMAT
+    return checkpoint
+
+
+_FORMAT1_FUSED = re.compile(r"(net\.(?:backward_)?backbone\.)rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)$")
+
+
+def _format2_name(name: str) -> str:
+    if match := _FORMAT1_FUSED.match(name):  # format 1's stacks were one-directional: layer k is cell k
+        prefix, kind, layer = match.groups()
+        return f"{prefix}cells.{layer}.{kind}"
+    return re.sub(r"^(net\.(?:backward_)?backbone\.)rnn\.cells\.", r"\1cells.", name)
+
+
+def _by_rank(old, first):
+    """A format-1 carried state (per rank: a (W, layers, B, H) tensor, or an (h, c) pair of them) as format 2's
+    per-cell tuples of (W, B, H) tensors."""
+    if old is None:
+        return None
+    parts = [first(t) for t in (old if isinstance(old, tuple | list) else (old,))]
+    if not all(torch.is_tensor(p) and p.dim() == 4 for p in parts):
+        return old  # not format 1's shape: check_checkpoint's or the resume's checks will name it
+    return tuple(tuple(p[:, k] for p in parts) for k in range(parts[0].size(1)))
 
 
 def checkpoint_vocab(checkpoint: dict) -> Vocab:
@@ -89,10 +135,7 @@ def read_resume_section(checkpoint: dict) -> ResumeSection | None:
     resume = checkpoint.get(RESUME_KEY)
     if resume is None:
         return None
-    if "train_state_by_rank" in resume:
-        by_rank = resume["train_state_by_rank"]
-    else:
-        by_rank = map_state(resume.get("train_state"), lambda s: s[None])
+    by_rank = resume.get("train_state_by_rank")  # format 1's and rnnlm 0.1's, by upgrade_checkpoint
     best = resume.get("best_val_loss", math.inf if legacy_best is None else float(legacy_best))
     return ResumeSection(by_rank, best, resume.get("configured_lr"))
 
@@ -197,6 +240,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from None
+    upgrade_checkpoint(data)
     check_checkpoint(data, path)
     return data
 
@@ -242,7 +286,10 @@ def check_checkpoint(data, path: str | Path) -> None:
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path} has no weights (no 'state_dict' section): {_DAMAGED}")
     shapes = {NETWORK_PREFIX + name: shape for name, shape in network_shapes(config).items()}
-    _check_weights(weights, shapes, path)
+    # a user's cell may have changed since the checkpoint was written; a built-in one has not
+    damaged = f"has model.cell={config.cell} changed since training? {_DAMAGED}" if is_class_path(config.cell) \
+        else _DAMAGED
+    _check_weights(weights, shapes, path, damaged)
     iterate = data.get(ITERATE_KEY, {})
     _check_iterate(iterate, shapes, path)
     tensors = [(name, weights[name]) for name in shapes] + list(iterate.items())
@@ -268,31 +315,34 @@ def _checked_network(settings: dict, vocab_size: int, path: str | Path) -> Netwo
     if built_for != vocab_size:
         raise CheckpointError(f"the vocabulary of {path} has {vocab_size} tokens, and its network was built for "
                               f"{built_for!r}: {_DAMAGED}")
+    cell = settings.get("cell")
+    if isinstance(cell, str) and is_class_path(cell) and (problem := cell_problem(cell)):
+        raise CheckpointError(f"{path} was trained with a cell of its user's, and {problem}")
     try:
         return NetworkConfig.from_settings(settings, vocab_size=vocab_size)
     except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"the network settings of {path} are invalid ({err}): {_DAMAGED}") from None
 
 
-def _check_weights(weights: dict, shapes: dict[str, torch.Size], path: str | Path) -> None:
+def _check_weights(weights: dict, shapes: dict[str, torch.Size], path: str | Path, damaged: str) -> None:
     """The state dict holds a tensor of the right shape under each of the network's names, and nothing else."""
     missing = [name for name in shapes if name not in weights]
     if missing:
         raise CheckpointError(f"the weights of {path} lack {_listed(missing)}, which the network its settings "
-                              f"describe has: {_DAMAGED}")
+                              f"describe has: {damaged}")
     unknown = [name for name in weights if name not in shapes and name not in EXTRA_WEIGHTS]
     if unknown:
         raise CheckpointError(f"the weights of {path} include {_listed(unknown)}, which the network its settings "
-                              f"describe does not have: {_DAMAGED}")
+                              f"describe does not have: {damaged}")
     for name in shapes:
         if not torch.is_tensor(weights[name]):
             raise CheckpointError(f"the weights of {path} are not all tensors: {name} is a "
-                                  f"{type(weights[name]).__name__}, not a tensor: {_DAMAGED}")
+                                  f"{type(weights[name]).__name__}, not a tensor: {damaged}")
     wrong = [f"{name} is {tuple(weights[name].shape)}, expected {tuple(shape)}"
              for name, shape in shapes.items() if weights[name].shape != shape]
     if wrong:
         raise CheckpointError(f"the weights of {path} do not fit the network its settings describe: "
-                              f"{_listed(wrong)}: {_DAMAGED}")
+                              f"{_listed(wrong)}: {damaged}")
 
 
 def _check_iterate(iterate, shapes: dict[str, torch.Size], path: str | Path) -> None:
@@ -322,24 +372,6 @@ def _finite(tensor: torch.Tensor) -> bool:
 def _listed(items: list[str], shown: int = 3) -> str:
     more = f" and {len(items) - shown} more" if len(items) > shown else ""
     return ", ".join(items[:shown]) + more
-
-
-class _SkipInit(TorchFunctionMode):
-    """Skips ``torch.nn.init``: on the meta device there are no values to set (and the meta ``normal_`` imports
-    torch._dynamo, two seconds that the inference commands otherwise never spend)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__module__", None) == "torch.nn.init":
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **(kwargs or {}))
-
-
-def network_shapes(config: NetworkConfig) -> dict[str, torch.Size]:
-    """The shape of each entry of the state dict of a :class:`LanguageModel` of ``config``, by name; the network is
-    built on the meta device, so a large one costs neither memory nor time."""
-    with torch.device("meta"), _SkipInit():
-        net = LanguageModel(config)
-    return {name: tensor.shape for name, tensor in net.state_dict().items()}
 
 
 def describe(path: Path, data: dict) -> str:
@@ -381,17 +413,6 @@ class LoadedModel:
     info: dict  # the checkpoint's plain-data section, plus global_step and world_size
     data: dict  # the training data settings (TextDataModule arguments), {} if unknown
     state_dict: dict  # the training module's state (the network under "net." and its buffers), on the CPU
-
-    @property
-    def module(self) -> RecurrentLM:
-        """The training module around the network, for evaluating with a Lightning Trainer."""
-        from rnnlm.module import RecurrentLM  # imports Lightning: only evaluation needs it
-
-        network = {k: v for k, v in self.info["network"].items() if k != "vocab_size"}
-        module = RecurrentLM(self.vocab, carry_state=self.info["carry_state"],
-                             answer_accuracy=self.data.get("scored") == "last", **network)
-        module.load_state_dict({k: v for k, v in self.state_dict.items() if k != LEGACY_BEST_KEY})
-        return module.eval()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:

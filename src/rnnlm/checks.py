@@ -9,15 +9,13 @@ import os
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rnnlm.backbone import CELLS
+from rnnlm.cells import BUILT_IN, cell_class
 from rnnlm.corpora import CORPORA
 from rnnlm.errors import ConfigError
-from rnnlm.minrnn import MIN_CELLS
-from rnnlm.network import NetworkConfig, adaptive_cutoffs
-from rnnlm.schema import check_settings
+from rnnlm.network import LanguageModel, NetworkConfig, on_meta
+from rnnlm.schema import check_settings, shown
+from rnnlm.stack import RecurrentStack
 
-# weight blocks per layer: one per gate and candidate; minGRU's and minLSTM's read the input alone
-GATES = {"rnn": 1, "lstm": 4, "gru": 3, "mingru": 2, "minlstm": 3}
 # float32 weights, their gradients and the optimizer's two moments (AdamW; SGD with momentum keeps one)
 BYTES_PER_PARAMETER = 4 * 4
 
@@ -42,7 +40,7 @@ def check_train_config(cfg: DictConfig) -> None:
     (:mod:`rnnlm.schema`), then the settings that only make sense together."""
     if OmegaConf.is_missing(cfg.model, "cell"):
         raise ConfigError("model.cell is not set (model=_recurrent is the base the model files share): "
-                          f"use model={'|'.join(CELLS)}")
+                          f"use model={'|'.join(BUILT_IN)}")
     check_settings(cfg, "train")
     problems: list[str] = []
     model, data = cfg.model, cfg.data
@@ -82,11 +80,12 @@ def check_train_config(cfg: DictConfig) -> None:
         problems += _device_problems(cfg.trainer)
     if model.cuda_graph:
         problems += _cuda_graph_problems(cfg)
-    if str(cfg.trainer.precision).startswith("bf16") and model.cell == "lstm" and model.impl == "fused" \
-            and not _on_gpu(cfg.trainer) and not cpu_runs_bf16_lstm(str(cfg.trainer.precision)):
-        problems.append(f"trainer.precision={cfg.trainer.precision}: this CPU cannot run torch.nn.LSTM in bfloat16 "
-                        "(its oneDNN kernel needs AVX-512 with BF16): use trainer.precision=32-true, or "
-                        "model.impl=scratch")
+    precision = str(cfg.trainer.precision)
+    if precision.startswith("bf16") and not _on_gpu(cfg.trainer) and not problems \
+            and not cpu_runs_in_bf16(model.cell, model.impl, precision):
+        problems.append(f"trainer.precision={precision}: this CPU cannot run model.cell={model.cell} "
+                        f"(model.impl={model.impl}) in bfloat16 (torch.nn.LSTM's oneDNN kernel, for one, needs AVX-512 "
+                        "with BF16): use trainer.precision=32-true, or another model.impl")
     if model.bidirectional and any(isinstance(c, DictConfig) and c.get("_target_") == "rnnlm.diagnostics.GradientFlow"
                                    for c in cfg.callbacks.values()):
         from rnnlm.diagnostics import BIDIRECTIONAL
@@ -121,17 +120,18 @@ def _on_gpu(trainer: DictConfig) -> bool:
 
 
 @functools.cache
-def cpu_runs_bf16_lstm(precision: str) -> bool:
-    """Whether torch.nn.LSTM runs in bfloat16 on this CPU, tried on a tiny one (oneDNN refuses without AVX-512 BF16,
-    deep inside the first validation step)."""
-    lstm, inputs = torch.nn.LSTM(2, 2, batch_first=True), torch.zeros(1, 2, 2)
+def cpu_runs_in_bf16(cell: str, impl: str, precision: str) -> bool:
+    """Whether this CPU runs a tiny layer of the cell forward in bfloat16 (oneDNN's LSTM refuses without AVX-512
+    BF16, deep inside the first validation step)."""
+    layer, inputs = cell_class(cell, impl)(2, 2), torch.zeros(1, 2, 2)
+    state = layer.zero_state(1, inputs)
     try:
         with torch.no_grad():
             if precision == "bf16-mixed":
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    lstm(inputs)
+                    layer(inputs, state)
             else:
-                lstm.to(torch.bfloat16)(inputs.to(torch.bfloat16))
+                layer.to(torch.bfloat16)(inputs.to(torch.bfloat16), tuple(s.to(torch.bfloat16) for s in state))
     except RuntimeError:
         return False
     return True
@@ -192,53 +192,40 @@ def check_model_memory(cfg: DictConfig, vocab_size: int) -> None:
     _check_memory(cfg, vocab_size, "the model")
 
 
-def count_parameters(model: DictConfig, vocab_size: int) -> int:
-    """The parameters of the :class:`~rnnlm.network.LanguageModel` that ``model`` (conf/model) describes, with
-    torch.nn's two biases per gate (the scratch cells keep one: a few hundred fewer; minGRU and minLSTM have one
-    in both implementations)."""
-    hidden, layers = model.hidden_size, model.num_layers
-    directions = 2 if model.bidirectional else 1  # a bidirectional LM has a second, backward stack
-    embedding = vocab_size * model.embedding_dim if model.embedding_dim else 0
-    # the first layer reads the embedding (or one-hot vectors), the others the layer below: no list of layers, as
-    # a mistyped num_layers may be huge
-    stack = (layer_parameters(model.cell, model.embedding_dim or vocab_size, hidden)
-             + (layers - 1) * layer_parameters(model.cell, hidden, hidden))
-    features = hidden * directions
-    projection = getattr(model, "projection_size", None)  # settings from before the option lack it
-    if projection:  # a linear map (with a bias) from the stack's outputs to what the decoder reads
-        stack_out, features = features * projection + projection, projection
-    else:
-        stack_out = 0
-    if model.softmax == "adaptive" and vocab_size:
-        cutoffs = [*adaptive_cutoffs(vocab_size, model.adaptive_cutoffs), vocab_size]
-        # the head (no bias) scores the first cutoffs[0] ids and one entry per cluster; cluster i projects
-        # down to features / div**(i+1), then out to its ids (neither with a bias), as torch.nn does
-        decoder = features * (cutoffs[0] + len(cutoffs) - 1)
-        for i in range(len(cutoffs) - 1):
-            width = int(features // (model.adaptive_div_value ** (i + 1)))
-            decoder += width * (features + cutoffs[i + 1] - cutoffs[i])
-    else:
-        decoder = (0 if model.tie_weights else features * vocab_size) + vocab_size
-    return embedding + directions * stack + stack_out + decoder
+def count_parameters(model: DictConfig | NetworkConfig, vocab_size: int) -> int:
+    """The parameters of the :class:`~rnnlm.network.LanguageModel` that ``model`` (conf/model, or a network's
+    config) describes, counted on the network built on the meta device (no memory, no time); with ``vocab_size`` 0
+    (not known yet), those of its recurrent stacks alone."""
+    settings = dict((model.settings() if isinstance(model, NetworkConfig) else model).items())
+    if not vocab_size:  # no decoder counted: the full one fits a vocabulary of one token, the adaptive one may not
+        settings["softmax"] = "full"
+    config = NetworkConfig.from_settings(settings, vocab_size=max(vocab_size, 1))
+    if vocab_size:
+        return on_meta(lambda: LanguageModel(config)).num_parameters()
+    stack = on_meta(lambda: RecurrentStack(config.cell, config.embedding_dim or 1, config.hidden_size,
+                                           config.num_layers, impl=config.impl, cell_settings=config.cell_settings))
+    return sum(p.numel() for p in stack.parameters()) * (2 if config.bidirectional else 1)
 
 
-def layer_parameters(cell: str, input_size: int, hidden: int) -> int:
-    """Weights and biases of one recurrent layer (one direction) of ``hidden`` units reading ``input_size`` inputs:
-    W_ih (G*H, I), W_hh (G*H, H) and torch.nn's two biases, or for minGRU / minLSTM W_x (G*H, I) and one bias."""
-    if cell in MIN_CELLS:
-        return GATES[cell] * hidden * (input_size + 1)
-    return GATES[cell] * hidden * (input_size + hidden + 2)
+def layer_parameters(cell: str, input_size: int, hidden: int, impl: str = "fused") -> int:
+    """The parameters of one layer (one direction) of ``cell``, ``hidden`` units wide, reading ``input_size`` inputs:
+    counted on the cell built on the meta device."""
+    return sum(p.numel() for p in on_meta(lambda: cell_class(cell, impl)(input_size, hidden)).parameters())
 
 
 def equal_budget(cell: str, input_size: int, lstm_units: int) -> int:
     """The hidden size that gives a one-layer ``cell`` about the recurrent parameters of an LSTM of ``lstm_units``
     reading ``input_size`` inputs (``${rnnlm.equal_budget:cell,input,units}`` in the configs), so that cells are
-    compared at the same budget (:func:`layer_parameters`)."""
+    compared at the same budget. A layer's count is a polynomial of at most second degree in its width (H x H
+    matrices, H x I matrices, biases), read off three built layers and solved for the budget."""
     budget = layer_parameters("lstm", input_size, lstm_units)
-    if cell in MIN_CELLS:  # G * H * (I + 1): linear in H, as there is no H x H matrix
-        return max(1, round(budget / (GATES[cell] * (input_size + 1))))
-    b = input_size + 2  # G * H * (I + H + 2) = budget: solve H^2 + b H = budget / G
-    return max(1, round((-b + math.sqrt(b * b + 4 * budget / GATES[cell])) / 2))
+    c1, c2, c3 = (layer_parameters(cell, input_size, h) for h in (1, 2, 3))
+    a = (c3 - 2 * c2 + c1) / 2  # count(H) = a H^2 + b H + c
+    b = c2 - c1 - 3 * a
+    c = c1 - a - b
+    if a == 0:
+        return max(1, round((budget - c) / b))
+    return max(1, round((-b + math.sqrt(b * b - 4 * a * (c - budget))) / (2 * a)))
 
 
 def _memory(cfg: DictConfig) -> tuple[int, str]:
@@ -252,7 +239,7 @@ def _check_memory(cfg: DictConfig, vocab_size: int, what: str) -> None:
     needed = count_parameters(cfg.model, vocab_size) * BYTES_PER_PARAMETER
     available, where = _memory(cfg)
     if needed > available:
-        sizes = [f"model.{key}={cfg.model[key]}" for key in ("embedding_dim", "hidden_size", "num_layers",
+        sizes = [f"model.{key}={shown(cfg.model[key])}" for key in ("embedding_dim", "hidden_size", "num_layers",
                                                              "projection_size") if cfg.model.get(key)]
         raise ConfigError(
             f"{what} ({', '.join(sizes)}{f', {vocab_size:,} tokens' if vocab_size else ''}) would need about "

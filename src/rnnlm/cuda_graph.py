@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from rnnlm.backbone import State, detach_state, map_state
+from rnnlm.state import State, detach_state, map_state, state_tensors
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 ForwardLoss = Callable[[Tensor, Tensor, State | None], tuple[Tensor, Tensor, State | None]]
 # what a step returns: the mean loss, the objective, the gradient norm before clipping and the final state
 StepOutputs = tuple[Tensor, Tensor, Tensor, State | None]
-
-
-def _tensors(state: State | None) -> tuple[Tensor, ...]:
-    return () if state is None else state if isinstance(state, tuple) else (state,)
 
 
 class GraphedStep:
@@ -152,10 +148,10 @@ class GraphedStep:
         static_inputs.copy_(inputs)
         static_targets.copy_(targets)
         if state is None:  # the first chunk of a pass starts from zeros
-            for s in _tensors(static_state):
+            for s in state_tensors(static_state):
                 s.zero_()
         else:
-            for s, value in zip(_tensors(static_state), _tensors(state), strict=True):
+            for s, value in zip(state_tensors(static_state), state_tensors(state), strict=True):
                 s.copy_(value)
         self.graph.replay()
         self.replays += 1

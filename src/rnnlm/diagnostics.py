@@ -9,11 +9,11 @@ chunk, the gradient of the chunk's last prediction's loss with respect to every 
 The loss is the network's own (embedding, every layer, the projection if any, the decoder), and ∂L_T/∂h_t of
 layer l counts every path from that state to the loss: through layer l's later steps and through the layers
 above it at step t and after. A vanilla RNN's g_k falls by orders of magnitude within tens of steps; the gates of
-LSTM and GRU keep it. Each layer is stepped one token at a time on its own (eval mode, so no dropout), with its
-own weights and code, to make each layer's h_t one node of the graph: this works for ``impl=fused`` and
-``impl=scratch`` alike and for every cell, and gradients are taken with ``torch.autograd.grad``, so the
-training's own gradients are never touched. A bidirectional model has no such chain (its backward direction
-reads the future): the callback refuses it when training starts.
+LSTM and GRU keep it. Each layer is stepped one token at a time by its cell's own ``step`` (eval mode, so no
+dropout), to make each layer's h_t one node of the graph: this works for every cell and form, a user's too,
+and gradients are taken with ``torch.autograd.grad``, so the training's own gradients are never touched. The
+gates are what each cell's ``gates`` returns (:class:`rnnlm.cells.RecurrentCell`). A bidirectional model has no
+such chain (its backward direction reads the future): the callback refuses it when training starts.
 """
 
 from __future__ import annotations
@@ -27,15 +27,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from rnnlm.backbone import RecurrentBackbone
-from rnnlm.cells import ScratchRecurrent, run_cell
 from rnnlm.errors import ConfigError
-from rnnlm.minrnn import MIN_CELLS
 from rnnlm.network import LanguageModel
 
-# torch.nn's gate order in the stacked weights; the sigmoid gates are those worth watching
-GATES = {"lstm": ("input", "forget", "cell", "output"), "gru": ("reset", "update", "candidate")}
-SIGMOID_GATES = {"lstm": ("input", "forget", "output"), "gru": ("reset", "update")}
 SATURATED = 0.05  # a sigmoid gate within this of 0 or 1 blocks or passes nearly everything
 BIDIRECTIONAL = ("callbacks=diagnostics measures how far back through time a causal model's last prediction "
                  "reaches, and a bidirectional model (model.bidirectional=true) also reads the future: drop "
@@ -43,9 +37,9 @@ BIDIRECTIONAL = ("callbacks=diagnostics measures how far back through time a cau
 
 
 def gradient_flow(net: LanguageModel, inputs: Tensor, targets: Tensor) -> tuple[list[float], dict[str, Tensor]]:
-    """``[g_0, ..., g_{T-1}]`` for the chunk ``inputs`` (B, T), and the sigmoid gates' activations of every step,
-    layer, row and unit by gate name, each (T, layers, B, H) (empty for a vanilla RNN, minGRU and minLSTM: their
-    gates are not among those watched).
+    """``[g_0, ..., g_{T-1}]`` for the chunk ``inputs`` (B, T), and the gates' activations of every step, layer, row
+    and unit by gate name, each (T, layers, B, H) (none for a cell without gates, such as the vanilla RNN; a
+    network whose layers differ in width gives the gates of the layers as wide as the first).
 
     The loss is the network's own: the mean cross-entropy of ``targets[:, -1]`` from the top layer's last output,
     through the projection (if any) and the decoder. ``g_k`` is the norm, over all layers together, of the
@@ -57,23 +51,22 @@ def gradient_flow(net: LanguageModel, inputs: Tensor, targets: Tensor) -> tuple[
     """
     if net.bidirectional:
         raise ValueError(BIDIRECTIONAL)
-    backbone, cell = net.backbone, net.config.cell
+    cells = list(net.backbone.cells)  # one per layer: a causal stack has one direction
     was_training = net.training
     net.eval()  # no dropout: between layers and before the projection, what eval mode computes is the identity
     try:
         with torch.enable_grad():
             x = net.embed(inputs)  # (B, T, E)
-            weights = backbone.fused_state_dict(strict=False) if cell in GATES else {}
-            states = [None] * backbone.num_layers  # each layer's state after the last step: h, or (h, c)
-            hidden, gates = [], {name: [] for name in SIGMOID_GATES.get(cell, ())}
+            states = list(net.backbone.zero_state(inputs.size(0), x))  # each layer's state: h (and c, ...)
+            hidden, gates = [], {name: [] for name in cells[0].gate_names}
             for t in range(inputs.size(1)):
                 layer_input, row, opened = x[:, t], [], {name: [] for name in gates}
-                for k in range(backbone.num_layers):
-                    if weights:
+                for k, cell in enumerate(cells):
+                    if gates and cell.hidden_size == cells[0].hidden_size:
                         with torch.no_grad():
-                            for name, value in _gates(cell, weights, k, layer_input, states[k]).items():
+                            for name, value in cell.gates(layer_input, states[k]).items():
                                 opened[name].append(value)
-                    h, states[k] = _layer_step(backbone, k, layer_input, states[k])  # h: (B, H)
+                    h, states[k] = cell.step(layer_input, states[k])  # h: (B, H)
                     row.append(h)
                     layer_input = h  # the one node that layer k+1 reads now and layer k reads at t+1
                 hidden.append(row)
@@ -89,53 +82,17 @@ def gradient_flow(net: LanguageModel, inputs: Tensor, targets: Tensor) -> tuple[
         net.train(was_training)
     squares = torch.stack([h.new_zeros((), dtype=torch.float64) if g is None else g.double().square().sum()
                            for g, h in zip(grads, states_in_order, strict=True)])
-    norms = squares.view(len(hidden), backbone.num_layers).sum(1).sqrt().flip(0)  # k = 0 first
-    return norms.tolist(), {name: torch.stack(values) for name, values in gates.items()}
-
-
-def _layer_step(backbone: RecurrentBackbone, k: int, x: Tensor, state) -> tuple[Tensor, object]:
-    """Layer k of ``backbone`` on one step, with its own weights and code: x (B, I) and the layer's state (None:
-    zeros) -> its new h (B, H) and its new state, which holds that same h (and, for an LSTM, the cell state)."""
-    rnn, cell = backbone.rnn, backbone.cell
-    if state is None:
-        zeros = x.new_zeros(x.size(0), backbone.hidden_size)
-        state = (zeros, zeros) if cell == "lstm" else zeros
-    if cell in MIN_CELLS:  # the scan (impl=fused) or the loop (impl=scratch), over a single step
-        layer = rnn.cells[k]
-        h = (layer.scan if rnn.parallel else layer.loop)(x.unsqueeze(1), state)[:, 0]
-        return h, h
-    if isinstance(rnn, ScratchRecurrent):  # the textbook cell, over a single step
-        out, final = run_cell(rnn.cells[k], x.unsqueeze(1), state)
-        h = out[:, 0]
-        return h, ((h, final[1]) if cell == "lstm" else h)
-    # torch.nn's one-step kernel (what nn.LSTMCell and its kin call) on the stack's parameters of layer k
-    weights = [getattr(rnn, f"{kind}_l{k}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-    if cell == "lstm":
-        h, c = torch.lstm_cell(x, state, *weights)
-        return h, (h, c)
-    kernel = {"gru": torch.gru_cell, "tanh": torch.rnn_tanh_cell, "relu": torch.rnn_relu_cell}
-    h = kernel["gru" if cell == "gru" else backbone.nonlinearity](x, state, *weights)
-    return h, h
-
-
-def _gates(cell: str, weights: dict[str, Tensor], k: int, x: Tensor, state) -> dict[str, Tensor]:
-    """The sigmoid gates of layer k at one step, (B, H) each, from its input x (B, I) and its state before the
-    step (None at the chunk's start: zeros)."""
-    w_hh = weights[f"weight_hh_l{k}"]
-    before = x.new_zeros(x.size(0), w_hh.size(1)) if state is None else (state[0] if cell == "lstm" else state)
-    input_part = x @ weights[f"weight_ih_l{k}"].t() + weights[f"bias_ih_l{k}"]
-    hidden_part = before @ w_hh.t() + weights[f"bias_hh_l{k}"]
-    blocks = dict(zip(GATES[cell], (input_part + hidden_part).chunk(len(GATES[cell]), -1), strict=True))
-    # reset and update read x and h alike in both GRU forms
-    return {name: torch.sigmoid(blocks[name]) for name in SIGMOID_GATES[cell]}
+    norms = squares.view(len(hidden), len(cells)).sum(1).sqrt().flip(0)  # k = 0 first
+    return norms.tolist(), {name: torch.stack(values) for name, values in gates.items() if values}
 
 
 class GradientFlow(L.Callback):
     """Every ``every_n_steps`` optimizer steps, :func:`gradient_flow` on the first ``rows`` rows of the chunk just
     trained on. Logged to TensorBoard: ``diagnostics/gradient_flow`` (an image: g_k against k, log scale),
-    ``diagnostics/grad_ratio`` (g_{T-1} / g_0), and for LSTM and GRU a histogram and the saturated fraction
-    (within 0.05 of 0 or 1) of each sigmoid gate. Written to ``gradient_flow.csv`` in ``output_dir`` (step,
-    k, norm), which ``rnnlm-report`` plots for a sweep. One process measures (rank 0).
+    ``diagnostics/grad_ratio`` (g_{T-1} / g_0), and for a cell with gates (LSTM, GRU, minGRU, minLSTM, a
+    user's) a histogram and the saturated fraction (within 0.05 of 0 or 1) of each gate. Written to
+    ``gradient_flow.csv`` in ``output_dir`` (step, k, norm), which ``rnnlm-report`` plots for a sweep. One process
+    measures (rank 0).
     """
 
     def __init__(self, output_dir: str, every_n_steps: int = 100, rows: int = 8):

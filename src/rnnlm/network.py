@@ -3,19 +3,22 @@ frozen config that describes it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from rnnlm.backbone import RecurrentBackbone, State
+from rnnlm.cells import BUILT_IN, FEATURES, cell_class, cell_problem, setting_defaults
 from rnnlm.errors import ConfigError
 from rnnlm.loss import IGNORE_INDEX, sequence_loss
-from rnnlm.minrnn import MIN_CELLS
 from rnnlm.regularization import embedding_dropout, sequence_dropout
-from rnnlm.schema import integer, network_problems
+from rnnlm.schema import integer, network_problems, shown
+from rnnlm.stack import RecurrentStack, layer_widths
+from rnnlm.state import State
 
 SOFTMAXES = ("full", "adaptive")
 # Where the adaptive softmax's clusters start when model.adaptive_cutoffs is not given: the 2,000 most
@@ -32,10 +35,16 @@ def adaptive_cutoffs(vocab_size: int, cutoffs: tuple[int, ...] | None = None) ->
     return tuple(c for c in DEFAULT_CUTOFFS if c < vocab_size - 1)
 
 
+def decoder_input_size(model) -> int:
+    """What the decoder reads: the projection's width, or the top layer's (both directions)."""
+    top = model.hidden_size if isinstance(model.hidden_size, int) else model.hidden_size[-1]
+    return model.projection_size or top * (2 if model.bidirectional else 1)
+
+
 def cluster_width_problems(model, clusters: int) -> list[str]:
     """The adaptive softmax's cluster i projects to ``features / div_value**(i+1)`` units (rounded down, as torch.nn
     does): a cluster of zero units could never be predicted."""
-    features = model.projection_size or model.hidden_size * (2 if model.bidirectional else 1)
+    features = decoder_input_size(model)
     width = int(features // (model.adaptive_div_value ** clusters))
     if width >= 1:
         return []
@@ -47,14 +56,17 @@ def cluster_width_problems(model, clusters: int) -> list[str]:
 @dataclass(frozen=True)
 class NetworkConfig:
     """Everything that shapes a :class:`LanguageModel`, and nothing else; ``model.*`` in the configs (and a
-    checkpoint's ``network`` section) are its fields by name. A new model option is a field here and a
-    line in ``conf/model/_recurrent.yaml``.
+    checkpoint's ``network`` section) are its fields by name, and the cell's own settings beside them. A new model
+    option is a field here and a line in ``conf/model/_recurrent.yaml``; a cell's own option is declared by the cell
+    (:class:`rnnlm.cells.RecurrentCell`).
 
     Fields:
         vocab_size: number of token ids (comes from the data, not the config).
-        cell: ``rnn``, ``lstm``, ``gru``, ``mingru`` or ``minlstm``.
+        cell: a built-in cell (``rnn``, ``lstm``, ``gru``, ``mingru``, ``minlstm``) or the class path of a user's
+            cell (``mypackage.cells:MyCell``): :func:`rnnlm.cells.cell_class`.
         embedding_dim: size of the learned embedding; ``None`` feeds one-hot vectors instead.
-        hidden_size, num_layers: size of the recurrent stack.
+        hidden_size: every layer's width, or one width per layer (AWD-LSTM's 1150, 1150, 400).
+        num_layers: how many layers.
         dropout: on the top layer's outputs, before the decoder; also on the embeddings and between layers
             unless ``input_dropout`` / ``layer_dropout`` say otherwise.
         input_dropout: on the embeddings (AWD-LSTM's ``dropouti``); ``None``: ``dropout``.
@@ -64,20 +76,18 @@ class NetworkConfig:
         embedding_dropout: drops whole words: each vocabulary row of the embedding is zeroed for the batch with
             this probability (AWD-LSTM's ``dropoute``).
         weight_drop: DropConnect on the hidden-to-hidden matrices, a new mask per forward call (AWD-LSTM's
-            ``wdrop``; not for minGRU/minLSTM, which have none).
+            ``wdrop``; for cells that support it: not minGRU/minLSTM, which have none).
         projection_size: a linear map from the top layer's outputs to this size before the decoder (``None``:
             none), so that a stack wider than the embedding can still tie the decoder to it. (AWD-LSTM narrows
-            its top layer instead; rnnlm's layers share one width.)
-        nonlinearity: ``tanh`` or ``relu`` (vanilla RNN only).
+            its top layer instead: ``hidden_size=[1150, 1150, 400]``.)
         tie_weights: share the embedding matrix with the decoder (needs ``embedding_dim`` equal to the
-            decoder's input: ``hidden_size``, or ``2 * hidden_size`` when bidirectional).
+            decoder's input: the top layer's width, twice that when bidirectional, or ``projection_size``).
         init_range: embedding and decoder weights start uniform in ``±init_range`` (all parameters
             with ``init_all``; otherwise the recurrent ones keep torch.nn's ``±1/sqrt(hidden_size)``).
         bidirectional: a bidirectional LM: token t is predicted from the forward state at t-1 and the
             backward state at t+1, so no prediction sees its own token. It cannot generate text.
-        impl: ``fused`` (torch.nn kernels; minGRU/minLSTM: the parallel scan) or ``scratch`` (the textbook cells of
-            :mod:`rnnlm.cells`; minGRU/minLSTM: the step-by-step loop).
-        reset_after: GRU only: torch.nn's form (True) or the original reset-before GRU (scratch only).
+        impl: a built-in cell's form: ``fused`` (torch's kernels; minGRU/minLSTM: the parallel scan) or ``scratch``
+            (the textbook equations; minGRU/minLSTM: the step-by-step loop).
         softmax: ``full`` (one linear decoder over the vocabulary) or ``adaptive`` (Grave et al. 2017,
             ``torch.nn.AdaptiveLogSoftmaxWithLoss``: the frequent tokens in a small head, the rare ones in
             clusters reached through it, each with a narrower projection; needs ids sorted by frequency, as
@@ -85,6 +95,8 @@ class NetworkConfig:
         adaptive_cutoffs: where the adaptive softmax's clusters start (increasing ids); ``None`` takes
             :func:`adaptive_cutoffs`' default for the vocabulary size.
         adaptive_div_value: each cluster's projection is this many times narrower than the previous one.
+        cell_settings: the cell's own settings by name (``nonlinearity`` of rnn, ``reset_after`` of gru, those a user's
+            cell declares); the defaults of those not given.
 
     Raises:
         ConfigError: on construction, listing every invalid field as ``model.<field>=<value>`` and the fix.
@@ -93,7 +105,7 @@ class NetworkConfig:
     vocab_size: int
     cell: str = "lstm"
     embedding_dim: int | None = 200
-    hidden_size: int = 200
+    hidden_size: int | tuple[int, ...] = 200
     num_layers: int = 2
     dropout: float = 0.2
     input_dropout: float | None = None
@@ -102,21 +114,25 @@ class NetworkConfig:
     embedding_dropout: float = 0.0
     weight_drop: float = 0.0
     projection_size: int | None = None
-    nonlinearity: str = "tanh"
     tie_weights: bool = False
     init_range: float = 0.1
     bidirectional: bool = False
     impl: str = "fused"
-    reset_after: bool = True
     init_all: bool = False
     softmax: str = "full"
     adaptive_cutoffs: tuple[int, ...] | None = None
     adaptive_div_value: float = 4.0
+    cell_settings: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.adaptive_cutoffs is not None:  # a list from YAML or a checkpoint: frozen, like the rest
             object.__setattr__(self, "adaptive_cutoffs", tuple(self.adaptive_cutoffs))
-        problems = self.problems_of(self)
+        if isinstance(self.hidden_size, Sequence) and not isinstance(self.hidden_size, str):  # a list: frozen
+            object.__setattr__(self, "hidden_size", tuple(self.hidden_size))
+        problems = self.problems_of(self.settings())
+        if not problems:
+            cell = cell_class(self.cell, self.impl)
+            object.__setattr__(self, "cell_settings", {**setting_defaults(cell), **dict(self.cell_settings)})
         if problem := integer(1).problem("vocab_size", self.vocab_size):
             problems.append(problem)
         if self.softmax == "adaptive" and not problems:
@@ -137,59 +153,115 @@ class NetworkConfig:
 
     @classmethod
     def from_settings(cls, settings: Mapping, vocab_size: int | None = None) -> NetworkConfig:
-        """The config from ``model.*`` settings (or a checkpoint's ``network`` section); keys that are not
-        fields (how the model trains, e.g. ``compile``) are left out, missing fields take their defaults."""
-        names = {f.name for f in fields(cls)}
+        """The config from ``model.*`` settings (or a checkpoint's ``network`` section): its fields, and the settings
+        the cell declares; other keys (how the model trains, e.g. ``compile``) are left out, and missing ones take
+        their defaults.
+
+        Raises:
+            ConfigError: listing every invalid setting, as on construction.
+        """
+        names = {f.name for f in fields(cls)} - {"cell_settings"}
         values = {k: v for k, v in settings.items() if k in names}
         if vocab_size is not None:
             values["vocab_size"] = vocab_size
+        if problem := cell_problem(values.get("cell", cls.cell), values.get("impl", cls.impl)):
+            raise ConfigError(problem)
+        declared = cell_class(values.get("cell", cls.cell), values.get("impl", cls.impl)).settings
+        values["cell_settings"] = {k: v for k, v in settings.items() if k in declared}
         return cls(**values)
 
     @staticmethod
-    def problems_of(model) -> list[str]:
-        """Every invalid field of ``model`` (this config, or the ``model.*`` settings before it is built)."""
-        settings = model.settings() if isinstance(model, NetworkConfig) else dict(model.items())
-        problems = network_problems(settings)  # each field's type and range
+    def problems_of(model: Mapping) -> list[str]:
+        """Every invalid setting of ``model``: ``model.*`` by name (a config's section, or :meth:`settings`)."""
+        model = dict(model.items())
+        problems = network_problems(model)  # each field's type and range
         if problems:  # the rules below compare fields, which needs them well typed
             return problems
-        if getattr(model, "weight_drop", 0) and model.cell in MIN_CELLS:
-            problems.append(f"model.weight_drop drops hidden-to-hidden weights, which {model.cell} does not have "
-                            "(its gates read only the input): set model.weight_drop=0")
-        if getattr(model, "embedding_dropout", 0) and not model.embedding_dim:
+        name, impl = model.get("cell", NetworkConfig.cell), model.get("impl", NetworkConfig.impl)
+        if problem := cell_problem(name, impl):
+            return [problem]
+        cell = cell_class(name, impl)
+        problems += _cell_setting_problems(cell, name, model)
+        for feature, (key, off) in FEATURES.items():
+            value = model.get(feature, 0)
+            if value and feature not in cell.supports:
+                problems.append(f"{key}={shown(value)}: model.cell={name} does not support {feature.replace('_', ' ')} "
+                                f"(it supports {', '.join(sorted(cell.supports)) or 'none of ' + '|'.join(FEATURES)}): "
+                                f"set {key}={off}, or use another cell")
+        widths = model.get("hidden_size", NetworkConfig.hidden_size)
+        layers = model.get("num_layers", NetworkConfig.num_layers)
+        if not isinstance(widths, int) and len(widths) != layers:
+            problems.append(f"model.hidden_size={shown(widths)} gives {len(widths)} widths for "
+                            f"model.num_layers={layers}: give one width per layer, or one width for all")
+            return problems
+        if model.get("embedding_dropout", 0) and not model.get("embedding_dim", NetworkConfig.embedding_dim):
             problems.append("model.embedding_dropout drops rows of the embedding, and model.embedding_dim=null feeds "
                             "one-hot vectors instead: set model.embedding_dim or model.embedding_dropout=0")
-        projection = getattr(model, "projection_size", None)
-        if model.nonlinearity != "tanh" and model.cell != "rnn":  # options a cell would silently ignore
-            problems.append(f"model.nonlinearity={model.nonlinearity} applies to model=rnn only ({model.cell} has its "
-                            "own fixed activations): drop it, or use model=rnn")
-        if model.reset_after is False and model.cell != "gru":
-            problems.append(f"model.reset_after=false applies to model=gru only ({model.cell} has no reset gate): "
-                            "drop it, or use model=gru")
-        decoder_input = projection or model.hidden_size * (2 if model.bidirectional else 1)
-        if model.tie_weights and model.embedding_dim != decoder_input:
+        settings = _Settings({f.name: f.default for f in fields(NetworkConfig) if f.name != "cell_settings"}
+                             | {"vocab_size": 1} | model)
+        decoder_input = decoder_input_size(settings)
+        if settings.tie_weights and settings.embedding_dim != decoder_input:
+            fix = (f"model.embedding_dim={decoder_input}, model.projection_size={settings.embedding_dim}" +
+                   ("" if isinstance(widths, int) else f", a top layer of {settings.embedding_dim}"))
             problems.append(
-                f"model.tie_weights=true needs model.embedding_dim ({model.embedding_dim}) == the decoder's input "
-                f"size ({decoder_input}): set model.embedding_dim={decoder_input}, "
-                f"model.projection_size={model.embedding_dim} or model.tie_weights=false"
+                f"model.tie_weights=true needs model.embedding_dim ({settings.embedding_dim}) == the decoder's input "
+                f"size ({decoder_input}): set {fix} or model.tie_weights=false"
             )
-        if model.cell == "gru" and not model.reset_after and model.impl != "scratch":
-            problems.append("model.reset_after=false (the original GRU) has no fused kernel: add model.impl=scratch")
-        if model.softmax == "adaptive":
-            problems += cluster_width_problems(model, 1)  # the first cluster; the others once the vocabulary is known
-            if model.tie_weights:
+        if settings.softmax == "adaptive":
+            # the first cluster; the others once the vocabulary is known
+            problems += cluster_width_problems(settings, 1)
+            if settings.tie_weights:
                 problems.append("model.tie_weights=true shares the embedding with a full decoder, which "
                                 "model.softmax=adaptive does not have: set model.tie_weights=false")
         return problems
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Each layer's width."""
+        return layer_widths(self.hidden_size, self.num_layers)
+
     def settings(self) -> dict:
-        """The fields as plain data (for checkpoints)."""
-        return asdict(self)
+        """The ``model.*`` settings as plain data (a checkpoint's ``network`` section): the fields, with the cell's
+        own settings beside them."""
+        settings = asdict(self)
+        cell_settings = settings.pop("cell_settings")
+        if isinstance(self.hidden_size, tuple):
+            settings["hidden_size"] = list(self.hidden_size)
+        if self.adaptive_cutoffs is not None:
+            settings["adaptive_cutoffs"] = list(self.adaptive_cutoffs)
+        return {**settings, **cell_settings}
+
+
+class _Settings(dict):
+    """Settings read as attributes (``settings.hidden_size``)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _cell_setting_problems(cell, name: str, model: dict) -> list[str]:
+    """The cell's own settings (type, range, and together), and settings of other built-in cells that this one would
+    silently ignore (``model.nonlinearity=relu`` on an LSTM)."""
+    problems = []
+    own = {**setting_defaults(cell), **{k: v for k, v in model.items() if k in cell.settings}}
+    for key, setting in cell.settings.items():
+        if problem := setting.problem(f"model.{key}", own[key]):
+            problems.append(problem)
+    if not problems:
+        problems += cell.setting_problems(own)
+    for forms in BUILT_IN.values():
+        owner = forms["fused"]
+        for key, default in setting_defaults(owner).items():
+            if key in model and key not in cell.settings and model[key] != default:
+                built_in = next(n for n, f in BUILT_IN.items() if f["fused"] is owner)
+                problems.append(f"model.{key}={shown(model[key])} applies to model={built_in} only ({name} does not "
+                                f"read it): drop it, or use model={built_in}")
+    return list(dict.fromkeys(problems))
 
 
 class LanguageModel(nn.Module):
     """Next-token model over a vocabulary, or, bidirectional, a model of each token from both sides;
     :class:`NetworkConfig` describes it. This is the network alone, in plain PyTorch: checkpoints load
-    into it, and :class:`rnnlm.module.RecurrentLM` (the Lightning module) trains it."""
+    into it, and :class:`rnnlm.lightning_module.RecurrentLM` (the Lightning module) trains it."""
 
     def __init__(self, config: NetworkConfig):
         super().__init__()
@@ -198,12 +270,11 @@ class LanguageModel(nn.Module):
         self.vocab_size = config.vocab_size
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim) if config.embedding_dim else None
 
-        def stack() -> RecurrentBackbone:
-            return RecurrentBackbone(
+        def stack() -> RecurrentStack:
+            return RecurrentStack(
                 config.cell, config.embedding_dim or config.vocab_size, config.hidden_size, config.num_layers,
-                dropout=_or(config.layer_dropout, config.dropout), nonlinearity=config.nonlinearity,
-                impl=config.impl, reset_after=config.reset_after, weight_drop=config.weight_drop,
-                locked_dropout=config.locked_dropout,
+                dropout=_or(config.layer_dropout, config.dropout), impl=config.impl, weight_drop=config.weight_drop,
+                locked_dropout=config.locked_dropout, cell_settings=config.cell_settings,
             )
 
         self.backbone = stack()
@@ -211,7 +282,7 @@ class LanguageModel(nn.Module):
         # interleaved bidirectional stack, layer 2's forward state at t would already have read the
         # backward layer-1 outputs, and through them token t+1 onward.
         self.backward_backbone = stack() if config.bidirectional else None
-        features = config.hidden_size * (2 if config.bidirectional else 1)
+        features = self.backbone.output_size * (2 if config.bidirectional else 1)
         self.projection = nn.Linear(features, config.projection_size) if config.projection_size else None
         features = config.projection_size or features
         self.adaptive = config.softmax == "adaptive"
@@ -288,6 +359,20 @@ class LanguageModel(nn.Module):
         features = dropped if self.projection is None else self.projection(dropped)
         return features, state, outputs, dropped
 
+    @torch.no_grad()
+    def step(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """One token per row, for generation (eval mode): tokens (B,) and the state -> next-token logits (B, V)
+        (log-probabilities from an adaptive softmax) and the new state. Each cell takes its own one-step path
+        (:meth:`rnnlm.cells.RecurrentCell.step`), which costs far less per token than a sequence kernel's call.
+
+        Raises:
+            ValueError: a bidirectional network (it reads each token's future too: it cannot generate).
+        """
+        if self.bidirectional:
+            raise ValueError("a bidirectional model cannot generate text: it predicts tokens from both sides")
+        h, state = self.backbone.step(self.embed(tokens), state)
+        return self.logits(h if self.projection is None else self.projection(h)), state
+
     def logits(self, features: Tensor) -> Tensor:
         """features (..., D) -> scores over the vocabulary (..., V); softmax gives the model's distribution."""
         if self.adaptive:
@@ -308,6 +393,27 @@ class LanguageModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips ``torch.nn.init``: on the meta device there are no values to set (and the meta ``normal_`` imports
+    torch._dynamo, two seconds that the inference commands otherwise never spend)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def on_meta(build):
+    """What ``build()`` makes, on the meta device: shapes without memory or time (a user's cell included)."""
+    with torch.device("meta"), _SkipInit():
+        return build()
+
+
+def network_shapes(config: NetworkConfig) -> dict[str, torch.Size]:
+    """The shape of each entry of the state dict of a :class:`LanguageModel` of ``config``, by name."""
+    return {name: tensor.shape for name, tensor in on_meta(lambda: LanguageModel(config)).state_dict().items()}
 
 
 def _or(value: float | None, default: float) -> float:

@@ -223,25 +223,51 @@ DEVICE = Setting("auto, cpu, cuda, cuda:N or mps", lambda v: isinstance(v, str)
 OUTPUT = Setting("a file name", lambda v: isinstance(v, str) and bool(v.strip()), null=True)
 
 
+# A bound on the sizes, far above any model a machine trains, that keeps a mistyped size from building billions of
+# layers on the meta device (where parameter counts come from) before the memory check can refuse it.
+MAX_SIZE = 2**24
+MAX_LAYERS = 1_000
+
+
+def size(high: int, **options) -> Setting:
+    """A width or a count of layers: a positive integer, bounded far above any real model."""
+    return Setting(f"a positive integer (at most {high:,})", integer(1, high).accepts, **options)
+
+
+def _widths() -> Setting:
+    """``model.hidden_size``: one width for every layer, or a list with one per layer."""
+    one = size(MAX_SIZE)
+    return Setting(f"{one.expects}, or a list of those with one per layer (e.g. [1150, 1150, 400])",
+                   lambda v: one.accepts(v) or (isinstance(v, (list, tuple, ListConfig)) and len(v) > 0
+                                                and all(one.accepts(x) for x in v)))
+
+
+def cell_settings_table(cell: type) -> dict[str, Setting]:
+    """The settings a cell class declares, as ``model.<name>`` entries (only that cell has them: not required)."""
+    return {f"model.{name}": Setting(s.expects, s.accepts, s.null, required=False) for name, s in cell.settings.items()}
+
+
 def _model_settings() -> dict[str, Setting]:
-    from rnnlm.backbone import CELLS, IMPLS, NONLINEARITIES  # torch: only the commands that build models need it
+    from rnnlm.cells import BUILT_IN, CLASS_PATH_HINT, IMPLS  # torch: only the commands that build models need it
     from rnnlm.network import SOFTMAXES
 
     probability = number(0, 1, high_open=True)
+    own = {key: setting for forms in BUILT_IN.values() for cell in forms.values()
+           for key, setting in cell_settings_table(cell).items()}
     return {
         "model._target_": class_path(),
-        "model.cell": one_of(*CELLS),
-        "model.embedding_dim": integer(1, null=True),
-        "model.hidden_size": integer(1),
-        "model.num_layers": integer(1),
+        "model.cell": Setting(f"one of {'|'.join(BUILT_IN)}, {CLASS_PATH_HINT}",
+                              lambda v: isinstance(v, str) and bool(v.strip())),
+        "model.embedding_dim": size(MAX_SIZE, null=True),
+        "model.hidden_size": _widths(),
+        "model.num_layers": size(MAX_LAYERS),
         "model.dropout": probability,
         "model.input_dropout": number(0, 1, high_open=True, null=True),
         "model.layer_dropout": number(0, 1, high_open=True, null=True),
         "model.locked_dropout": flag(),
         "model.embedding_dropout": probability,
         "model.weight_drop": probability,
-        "model.projection_size": integer(1, null=True),
-        "model.nonlinearity": one_of(*NONLINEARITIES),
+        "model.projection_size": size(MAX_SIZE, null=True),
         "model.tie_weights": flag(),
         "model.init_range": number(0, low_open=True),
         "model.init_all": flag(),
@@ -249,12 +275,12 @@ def _model_settings() -> dict[str, Setting]:
         "model.compile": flag(),
         "model.cuda_graph": flag(),
         "model.bidirectional": flag(),
-        "model.reset_after": flag(),
         "model.softmax": one_of(*SOFTMAXES),
         "model.adaptive_cutoffs": integers(1, increasing=True, null=True),
         "model.adaptive_div_value": number(1),
         "model.activation_reg": number(0),
         "model.temporal_activation_reg": number(0),
+        **own,  # the built-in cells' own settings (model.nonlinearity of rnn, model.reset_after of gru)
     }
 
 
@@ -594,6 +620,8 @@ def problems_of(cfg: DictConfig, command: str) -> list[str]:
     problems: list[str] = []
     raw = OmegaConf.to_container(cfg, resolve=False)
     plain = _resolved(cfg, problems)
+    if command == "train":
+        table = {**table, **_user_cell_table(plain.get("model"))}
     raw.pop("hydra", None)
     plain.pop("hydra", None)
     for key, value in _leaves(plain, table):
@@ -624,6 +652,21 @@ def problems_of(cfg: DictConfig, command: str) -> list[str]:
         for name in sorted(_arguments(target)[1] - set(_get(plain, section))):
             problems.append(f"{section}.{name} is missing, and {target} needs it: give {section}.{name}=...")
     return problems
+
+
+def _user_cell_table(model) -> dict[str, Setting]:
+    """The settings of a user's cell (``model.cell=pkg:Cls``), which the tables cannot list; none if it cannot be
+    imported (that is reported with the network's other problems)."""
+    from rnnlm.cells import cell_class, is_class_path
+    from rnnlm.errors import ConfigError
+
+    name = model.get("cell") if isinstance(model, dict) else None
+    if not isinstance(name, str) or not is_class_path(name):
+        return {}
+    try:
+        return cell_settings_table(cell_class(name))
+    except ConfigError:
+        return {}
 
 
 def _built_sections(plain: dict) -> list[str]:

@@ -75,9 +75,28 @@ def exit_on_user_error(task: Callable[..., T]) -> Callable[..., T]:
 def run_command(hydra_main: Callable[[], object], config_name: str) -> None:
     """Run a ``@hydra.main`` function once :func:`check_command_line` has passed its command line."""
     if config_name == "train":  # settings of a resumed checkpoint's own groups (optimizer.nonmono of NT-ASGD)
-        sys.argv[1:] = resume_command_line(sys.argv[1:])
+        sys.argv[1:] = cell_command_line(resume_command_line(sys.argv[1:]))
     exit_on_user_error(check_command_line)(config_name, sys.argv[1:])
     hydra_main()
+
+
+def cell_command_line(argv: list[str]) -> list[str]:
+    """``argv`` with the settings of a user's cell (declared by the class ``model.cell=pkg:Cls`` names) given as
+    ``++model.<name>=...``: the config lists the built-in cells' settings, and Hydra refuses a key it lacks unless
+    told to add it. A class that cannot be imported is left for the config check to report."""
+    from rnnlm.cells import cell_class, is_class_path
+
+    names: set[str] = set()
+    for argument in argv:
+        if match := re.fullmatch(r"\+{0,2}model\.cell=(.+)", argument):
+            for path in match[1].strip("'\"").split(","):  # a sweep over cells: a,b
+                if is_class_path(path.strip()):
+                    try:
+                        names |= set(cell_class(path.strip()).settings)
+                    except ConfigError:
+                        pass
+    own = re.compile(rf"model\.({'|'.join(map(re.escape, sorted(names)))})=.*") if names else None
+    return [f"++{argument}" if own and own.fullmatch(argument) else argument for argument in argv]
 
 
 def check_command_line(config_name: str, argv: list[str]) -> None:
@@ -92,7 +111,7 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
     Raises:
         ConfigError: the message says what to change.
     """
-    args = get_args_parser().parse_args(argv)
+    args = get_args_parser().parse_args(cell_command_line(argv) if config_name == "train" else argv)
     if (args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun
             or args.config_dir or args.config_path):
         return
@@ -174,6 +193,9 @@ def describe_hydra_error(err: HydraException, command: str = "train") -> str:
         from rnnlm.schema import TABLES, settings_table
 
         key = unknown[1] or unknown[2]
+        if command == "train" and (owner := _cell_owning(key)):  # model=lstm model.nonlinearity=relu
+            return (f"{key} applies to model={owner} only (the chosen cell does not read it): drop it, or use "
+                    f"model={owner}")
         known = sorted(k for k in settings_table(command) if "*" not in k) if command in TABLES else []
         if key in known:
             return f"{key} cannot be deleted (~{key}): every setting needs a value; give {key}=... instead"
@@ -186,6 +208,14 @@ def describe_hydra_error(err: HydraException, command: str = "train") -> str:
         return (f"cannot read the override {err.override!r}: write key=value, and quote a value with spaces, "
                 "commas or non-ASCII letters: \"key='...'\" (https://hydra.cc/docs/advanced/override_grammar/basic)")
     return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _cell_owning(key: str) -> str | None:
+    """The built-in cell that declares the setting ``key`` (``model.reset_after``: gru), if one does."""
+    from rnnlm.cells import BUILT_IN
+
+    name = key.removeprefix("model.")
+    return next((cell for cell, forms in BUILT_IN.items() if key != name and name in forms["fused"].settings), None)
 
 
 def check_folder_writable(folder: Path, key: str) -> None:

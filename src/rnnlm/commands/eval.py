@@ -20,6 +20,7 @@ from rnnlm.commands.cli import CONF_DIR, check_output, exit_on_user_error, pick_
 from rnnlm.corpora import DataError, path_source
 from rnnlm.datamodule import TextDataModule, make_loader, split_dataset
 from rnnlm.files import remove_stale_temporaries, write_atomically
+from rnnlm.lightning_module import RecurrentLM
 from rnnlm.loss import loss_in_units
 from rnnlm.prepare import encode_split
 
@@ -56,7 +57,8 @@ def evaluate(cfg: DictConfig) -> dict:
     dataset = split_dataset(ids, vocab, mode, seq_len, batch_size, name=split or "evaluation", scored=trained["scored"])
     trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
-    metrics = trainer.test(loaded.module, dataloaders=make_loader(dataset, batch_size), verbose=False)[0]
+    module = RecurrentLM.from_loaded(loaded)
+    metrics = trainer.test(module, dataloaders=make_loader(dataset, batch_size), verbose=False)[0]
     loss = metrics["test/loss"]
     result = {
         "checkpoint": str(ckpt_path.resolve()),

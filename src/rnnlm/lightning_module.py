@@ -10,8 +10,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from rnnlm.backbone import State, detach_state, map_state
 from rnnlm.checkpoint import (
+    LEGACY_BEST_KEY,
+    LoadedModel,
     NonFiniteError,
     ResumeSection,
     read_resume_section,
@@ -25,6 +26,7 @@ from rnnlm.loss import IGNORE_INDEX, loss_in_units
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.ntasgd import find_ntasgd
 from rnnlm.regularization import activation_penalty
+from rnnlm.state import State, batch_rows, detach_state, map_state
 from rnnlm.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class RecurrentLM(L.LightningModule):
                  **network):
         super().__init__()
         self.vocab = vocab
-        self.net = LanguageModel(NetworkConfig(vocab_size=len(vocab), **network))
+        self.net = LanguageModel(NetworkConfig.from_settings(network, vocab_size=len(vocab)))
         if compile:  # torch.compile in place: the state dict keeps its names; the first step pays for compiling
             for stack in (self.net.backbone, self.net.backward_backbone):
                 if stack is not None:
@@ -97,6 +99,15 @@ class RecurrentLM(L.LightningModule):
         self.gradient_clip_algorithm = "norm"
         self._graphed: GraphedStep | None = None
         self._grad_norm: Tensor | None = None  # the graphed step's, before clipping
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel) -> RecurrentLM:
+        """The training module around a checkpoint's network, in eval mode, for evaluating with a Trainer."""
+        network = {k: v for k, v in loaded.info["network"].items() if k != "vocab_size"}
+        module = cls(loaded.vocab, carry_state=loaded.info["carry_state"],
+                     answer_accuracy=loaded.data.get("scored") == "last", **network)
+        module.load_state_dict({k: v for k, v in loaded.state_dict.items() if k != LEGACY_BEST_KEY})
+        return module.eval()
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         return self.net(tokens, state)
@@ -125,7 +136,7 @@ class RecurrentLM(L.LightningModule):
 
     def _carried(self, stage: str, rows: int) -> State | None:
         state = self._state[stage] if self.carry_state else None
-        return None if state is None or _batch_rows(state) != rows else state
+        return None if state is None or batch_rows(state) != rows else state
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         inputs, targets = batch  # (B, T) each
@@ -364,6 +375,3 @@ class RecurrentLM(L.LightningModule):
         self._new_lr = resume.configured_lr != self._configured_lr()  # the user changed optimizer.lr
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self._state["train"] = map_state(resume.train_state_by_rank, lambda s: s[rank].to(self.device))
-
-def _batch_rows(state: State) -> int:
-    return (state[0] if isinstance(state, tuple) else state).size(1)

@@ -1,0 +1,147 @@
+"""The LSTM (Hochreiter and Schmidhuber 1997, with the forget gate of Gers et al. 2000)::
+
+    i_t = σ(W_xi x_t + W_hi h_{t-1} + b_i)      input gate
+    f_t = σ(W_xf x_t + W_hf h_{t-1} + b_f)      forget gate
+    g_t = tanh(W_xg x_t + W_hg h_{t-1} + b_g)   candidate
+    o_t = σ(W_xo x_t + W_ho h_{t-1} + b_o)      output gate
+    C_t = f_t∘C_{t-1} + i_t∘g_t                 cell state
+    h_t = o_t∘tanh(C_t)
+
+Its state is the pair (h, C); the cell state's additive update carries gradients across many steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rnnlm.cells.fused import FusedCell
+from rnnlm.cells.textbook import TextbookCell
+from rnnlm.state import CellState
+
+
+def lstm_gates(preactivations: Tensor) -> dict[str, Tensor]:
+    """The sigmoid gates from ``W_x x + W_h h + b`` (B, 4H), blocks in the order i, f, g, o."""
+    i, f, _, o = preactivations.chunk(4, -1)
+    return {"input": torch.sigmoid(i), "forget": torch.sigmoid(f), "output": torch.sigmoid(o)}
+
+
+class FusedLSTM(FusedCell):
+    """The LSTM on torch's kernels (``torch.nn.LSTM``'s weights; torch.nn keeps two biases, ``b`` is their sum)."""
+
+    state_names = ("h", "c")
+    gate_names = ("input", "forget", "output")
+    gate_count = 4
+    kernel = torch.lstm
+
+    def step(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
+        h, c = torch.lstm_cell(x, state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h, (h, c)
+
+    def gates(self, x: Tensor, state: CellState) -> dict[str, Tensor]:
+        return lstm_gates(self.gate_preactivations(x, state[0]))
+
+
+def _probe_onednn_linear():
+    """oneDNN's linear kernel, when this torch build has it: at the small batch of a recurrent step it
+    multiplies about twice as fast as the default BLAS on the CPUs measured (benchmarks/cells_speed.py)."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w = torch.ones(2, 3), torch.ones(4, 3)
+        if torch.equal(op(x, w, None, "none", [], ""), x @ w.t()):
+            return op
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+_ONEDNN_LINEAR = _probe_onednn_linear()
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` (no autograd: for code that writes its own backward)."""
+    usable = _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+    if usable and not torch.compiler.is_compiling():  # the compiler cannot lower this op: it fuses its own
+        return _ONEDNN_LINEAR(x, w, None, "none", [], "")
+    return x @ w.t()
+
+
+class LSTMLoop(torch.autograd.Function):
+    """The LSTM recurrence over a whole sequence, with back-propagation through time written out.
+
+    The equations above; writing the backward by hand lets every step run as a
+    handful of kernels and the recurrent weights' gradient as one product over all steps, which
+    autograd, recording a dozen small operations per step, cannot.
+    """
+
+    @staticmethod
+    def forward(ctx, xw: Tensor, h: Tensor, c: Tensor, w_h: Tensor):
+        # xw (T, B, 4H): W_x x_t + b for every t, gates in the order i, f, g, o; h, c (B, H); w_h (4H, H)
+        steps, hidden = xw.size(0), h.size(1)
+        acts = torch.empty_like(xw)  # σ(i), σ(f), tanh(g), σ(o) of every step
+        cs = xw.new_empty(steps + 1, *c.shape)  # C_0 .. C_T
+        hs = xw.new_empty(steps + 1, *h.shape)  # h_0 .. h_T
+        tanh_cs = xw.new_empty(steps, *c.shape)  # tanh(C_1) .. tanh(C_T)
+        cs[0], hs[0] = c, h
+        for t in range(steps):
+            gates = linear(hs[t], w_h).add_(xw[t])  # W_x x_t + W_h h_{t-1} + b
+            a = acts[t]
+            torch.sigmoid(gates, out=a)
+            torch.tanh(gates[:, 2 * hidden : 3 * hidden], out=a[:, 2 * hidden : 3 * hidden])
+            i, f, g, o = a.split(hidden, 1)
+            torch.addcmul(f * cs[t], i, g, out=cs[t + 1])  # C_t = f_t∘C_{t-1} + i_t∘g_t
+            torch.mul(o, torch.tanh(cs[t + 1], out=tanh_cs[t]), out=hs[t + 1])  # h_t = o_t∘tanh(C_t)
+        ctx.save_for_backward(acts, cs, tanh_cs, hs, w_h)
+        return hs[1:], cs[steps].clone()
+
+    @staticmethod
+    def backward(ctx, d_hs: Tensor, d_c_last: Tensor | None):
+        acts, cs, tanh_cs, hs, w_h = ctx.saved_tensors
+        steps, _, gates = acts.shape
+        hidden = gates // 4
+        d_gates = torch.empty_like(acts)  # gradients of the gates' pre-activations
+        w_h_t = w_h.t().contiguous()
+        dh = torch.zeros_like(hs[0])
+        dc = d_c_last.clone() if d_c_last is not None else torch.zeros_like(dh)
+        for t in range(steps - 1, -1, -1):
+            a, tanh_c, d = acts[t], tanh_cs[t], d_gates[t]
+            i, f, g, o = a.split(hidden, 1)
+            dh = dh + d_hs[t]
+            dc = torch.addcmul(dc, dh, o * (1 - tanh_c * tanh_c))  # h_t = o∘tanh(C_t)
+            # ∂L/∂gate outputs: i <- dC∘g, f <- dC∘C_{t-1}, g <- dC∘i, o <- dh∘tanh(C_t)
+            torch.mul(dc, g, out=d[:, :hidden])
+            torch.mul(dc, cs[t], out=d[:, hidden : 2 * hidden])
+            torch.mul(dc, i, out=d[:, 2 * hidden : 3 * hidden])
+            torch.mul(dh, tanh_c, out=d[:, 3 * hidden :])
+            slope = a - a * a  # σ' = σ(1-σ) for i, f, o ...
+            slope[:, 2 * hidden : 3 * hidden] = 1 - g * g  # ... and tanh' = 1 - tanh² for g
+            d.mul_(slope)
+            dh = linear(d, w_h_t)  # into h_{t-1}
+            dc = dc * f  # into C_{t-1}
+        d_w_h = d_gates.reshape(-1, gates).t() @ hs[:-1].reshape(-1, hidden)  # one product for all steps
+        return d_gates, dh, dc, d_w_h
+
+
+class ScratchLSTM(TextbookCell):
+    """The LSTM as written above: :class:`LSTMLoop` runs it over time, with back-propagation through time written
+    out."""
+
+    state_names = ("h", "c")
+    gate_names = ("input", "forget", "output")
+    gate_letters = ("i", "f", "g", "o")
+
+    def forward(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
+        w_h = self.drop_recurrent(self.stacked()[1])
+        xw = self.input_part(x).transpose(0, 1).contiguous()  # (T, B, 4H)
+        hs, c = LSTMLoop.apply(xw, state[0], state[1], w_h)
+        return hs.transpose(0, 1), (hs[-1], c)
+
+    def step(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
+        h, c = state
+        i, f, g, o = (self.input_part(x) + h @ self.stacked()[1].t()).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # C_t = f_t∘C_{t-1} + i_t∘g_t
+        h = torch.sigmoid(o) * torch.tanh(c)  # h_t = o_t∘tanh(C_t)
+        return h, (h, c)
+
+    def gates(self, x: Tensor, state: CellState) -> dict[str, Tensor]:
+        return lstm_gates(self.input_part(x) + state[0] @ self.stacked()[1].t())
