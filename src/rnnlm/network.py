@@ -132,6 +132,9 @@ class NetworkConfig:
         problems = self.problems_of(self.settings())
         if not problems:
             cell = cell_class(self.cell, self.impl)
+            problems += [f"model.{key} is not a setting of model.cell={self.cell} (its own: "
+                         f"{', '.join(cell.settings) or 'none'})"
+                         for key in self.cell_settings if key not in cell.settings]
             object.__setattr__(self, "cell_settings", {**setting_defaults(cell), **dict(self.cell_settings)})
         if problem := integer(1).problem("vocab_size", self.vocab_size):
             problems.append(problem)
@@ -248,11 +251,9 @@ def _cell_setting_problems(cell, name: str, model: dict) -> list[str]:
             problems.append(problem)
     if not problems:
         problems += cell.setting_problems(own)
-    for forms in BUILT_IN.values():
-        owner = forms["fused"]
-        for key, default in setting_defaults(owner).items():
+    for built_in, forms in BUILT_IN.items():
+        for key, default in setting_defaults(forms["fused"]).items():
             if key in model and key not in cell.settings and model[key] != default:
-                built_in = next(n for n, f in BUILT_IN.items() if f["fused"] is owner)
                 problems.append(f"model.{key}={shown(model[key])} applies to model={built_in} only ({name} does not "
                                 f"read it): drop it, or use model={built_in}")
     return list(dict.fromkeys(problems))

@@ -111,16 +111,17 @@ class RecurrentStack(nn.Module):
         for k, cell in enumerate(self.cells):
             if not hasattr(cell, "fused_weights"):
                 raise ValueError(f"{type(cell).__name__} has no torch.nn layout")
-            layer, direction = divmod(k, self.directions)
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            out.update({name + suffix: value.detach() for name, value in cell.fused_weights().items()})
+            out.update({name + self._fused_suffix(k): value.detach() for name, value in cell.fused_weights().items()})
         return out
 
     def load_fused_state_dict(self, weights: dict[str, Tensor]) -> None:
         """Take weights in torch.nn's layout (:meth:`fused_state_dict` of a stack of the other form, or a
         ``torch.nn.LSTM``'s state dict)."""
         for k, cell in enumerate(self.cells):
-            layer, direction = divmod(k, self.directions)
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            cell.load_fused_weights({name: weights[name + suffix]
+            cell.load_fused_weights({name: weights[name + self._fused_suffix(k)]
                                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")})
+
+    def _fused_suffix(self, k: int) -> str:
+        """torch.nn's name suffix of cell k's weights: ``_l<layer>``, and ``_reverse`` for a backward direction."""
+        layer, direction = divmod(k, self.directions)
+        return f"_l{layer}" + ("_reverse" if direction else "")
