@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from rnnlm.cells import BUILT_IN, setting_defaults
 from rnnlm.checkpoint import CHECKPOINT_KEY
+from rnnlm.checks import count_parameters
 from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.train import train
 from rnnlm.errors import ConfigError
@@ -57,12 +58,17 @@ def test_every_experiment_runs_a_few_steps(make_cfg, experiment, tiny_corpus):
     # the recall task makes its own text: short lines, few of them
     data = (["data.recall.distance=5", "data.recall.examples=[40,10,10]"] if experiment == "long_range"
             else [f"data.path={tiny_corpus}"])
-    if experiment == "ptb_awd_lstm":  # its tied decoder reads the top layer through a projection to the embedding
-        data.append("model.projection_size=16")
     cfg = make_cfg(f"experiment={experiment}", *data, "trainer.max_steps=2",
                    "test=false", "model.num_layers=1", "model.hidden_size=16", "model.embedding_dim=16")
     metrics = train(cfg)
     assert metrics["val/loss"] > 0
+
+
+def test_the_awd_lstm_preset_has_the_papers_layers(make_cfg):
+    model = make_cfg("experiment=ptb_awd_lstm", tiny=False).model
+    assert list(model.hidden_size) == [1150, 1150, 400] and model.embedding_dim == 400 and model.tie_weights
+    assert model.projection_size is None
+    assert count_parameters(model, 10_000) == 24_221_600  # PTB's 10,000 words; the paper says 24M
 
 
 @pytest.mark.parametrize("override", ["model=transformer", "data=bytes", "trainer=tpu"])

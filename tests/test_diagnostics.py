@@ -128,10 +128,11 @@ def test_training_with_diagnostics_logs_the_flow_and_the_gates(make_cfg, tiny_co
 
 
 def test_the_awd_lstm_preset_trains_with_diagnostics(make_cfg, tiny_corpus, tmp_path):
-    # its decoder reads a projection of the top layer (narrower than the layer), tied to the embedding
+    # its layers differ in width: the top one as wide as the embedding it is tied to
     run = tmp_path / "run"
     train(make_cfg("experiment=ptb_awd_lstm", f"data.path={tiny_corpus}", "model.num_layers=2",
-                   "model.projection_size=16", "callbacks=diagnostics", "callbacks.gradient_flow.every_n_steps=2",
+                   "model.hidden_size=[24,16]", "model.embedding_dim=16", "callbacks=diagnostics",
+                   "callbacks.gradient_flow.every_n_steps=2",
                    "test=false", run_dir=run))
     with open(run / "gradient_flow.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
