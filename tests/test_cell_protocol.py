@@ -245,7 +245,13 @@ def test_a_cell_from_a_scratch_folder_trains_resumes_generates_and_evaluates(tmp
                                                "input_size, hidden_size=hidden_size)\n        self.b_f"))
     changed = _cli("generate.py", f"ckpt_path={ckpt}", "prompt=the", cwd=folder)
     assert changed.returncode == 2 and changed.stderr.count("\n") == 1, changed.stderr
-    assert "do not fit" in changed.stderr and "has model.cell=mgu:MGU changed since training?" in changed.stderr
+    assert "do not fit" in changed.stderr and "the class model.cell=mgu:MGU changed since training" in changed.stderr
+    (folder / "mgu.py").write_text(MGU.replace("super().__init__(input_size, hidden_size)",
+                                               "super().__init__(input_size, hidden_size)\n        1 / 0"))
+    broken = _cli("eval.py", f"ckpt_path={ckpt}", cwd=folder)
+    assert broken.returncode == 2 and broken.stderr.count("\n") == 1, broken.stderr
+    assert "model.cell=mgu:MGU fails to build with the settings saved in the checkpoint (ZeroDivisionError" \
+        in broken.stderr
 
 
 def test_the_example_cell_trains_and_resumes_through_the_real_config(make_cfg, tiny_corpus, tmp_path, on_path):

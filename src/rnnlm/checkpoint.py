@@ -10,6 +10,7 @@ import datetime
 import math
 import pickle
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,10 +286,17 @@ def check_checkpoint(data, path: str | Path) -> None:
     weights = data.get("state_dict")
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path} has no weights (no 'state_dict' section): {_DAMAGED}")
-    shapes = {NETWORK_PREFIX + name: shape for name, shape in network_shapes(config).items()}
+    try:
+        shapes = {NETWORK_PREFIX + name: shape for name, shape in network_shapes(config).items()}
+    except Exception as err:  # noqa: BLE001 - a user's cell that no longer builds with the saved settings
+        if not is_class_path(config.cell):
+            raise
+        raise CheckpointError(f"{path}: model.cell={config.cell} fails to build with the settings saved in the "
+                              f"checkpoint ({type(err).__name__}: {err}): restore the version it was trained with") \
+            from None
     # a user's cell may have changed since the checkpoint was written; a built-in one has not
-    damaged = f"has model.cell={config.cell} changed since training? {_DAMAGED}" if is_class_path(config.cell) \
-        else _DAMAGED
+    damaged = (f"the class model.cell={config.cell} changed since training (restore the version it was trained "
+               "with), or the file was edited" if is_class_path(config.cell) else _DAMAGED)
     _check_weights(weights, shapes, path, damaged)
     iterate = data.get(ITERATE_KEY, {})
     _check_iterate(iterate, shapes, path)
@@ -317,7 +325,7 @@ def _checked_network(settings: dict, vocab_size: int, path: str | Path) -> Netwo
                               f"{built_for!r}: {_DAMAGED}")
     cell = settings.get("cell")
     if isinstance(cell, str) and is_class_path(cell) and (problem := cell_problem(cell)):
-        raise CheckpointError(f"{path} was trained with a cell of its user's, and {problem}")
+        raise CheckpointError(f"{path} needs the class it was trained with: {problem}")
     try:
         return NetworkConfig.from_settings(settings, vocab_size=vocab_size)
     except (ConfigError, TypeError, ValueError) as err:
@@ -399,6 +407,7 @@ def resolve_checkpoint(ckpt_path: str | Path | None, log_dir: str | Path) -> Pat
         found = last_checkpoints(log_dir)
         if not found:
             raise CheckpointError(f"ckpt_path=last found no run with checkpoints/last.ckpt under {Path(log_dir)}/train")
+        print(f"ckpt_path=last: {found[0]}", file=sys.stderr)  # which run "last" was: stdout stays the result
         return found[0]
     path = Path(ckpt_path).expanduser()
     if not path.is_file():

@@ -84,6 +84,14 @@ def cell_command_line(argv: list[str]) -> list[str]:
     """``argv`` with the settings of a user's cell (declared by the class ``model.cell=pkg:Cls`` names) given as
     ``++model.<name>=...``: the config lists the built-in cells' settings, and Hydra refuses a key it lacks unless
     told to add it. A class that cannot be imported is left for the config check to report."""
+    names = user_cell_settings(argv)
+    own = re.compile(rf"model\.({'|'.join(map(re.escape, sorted(names)))})=.*") if names else None
+    return [f"++{argument}" if own and own.fullmatch(argument) else argument for argument in argv]
+
+
+def user_cell_settings(argv: list[str]) -> set[str]:
+    """The names of the settings the user's cells named in ``argv`` (``model.cell=pkg:Cls``, or a sweep of them)
+    declare."""
     from rnnlm.cells import cell_class, is_class_path
 
     names: set[str] = set()
@@ -95,8 +103,7 @@ def cell_command_line(argv: list[str]) -> list[str]:
                         names |= set(cell_class(path.strip()).settings)
                     except ConfigError:
                         pass
-    own = re.compile(rf"model\.({'|'.join(map(re.escape, sorted(names)))})=.*") if names else None
-    return [f"++{argument}" if own and own.fullmatch(argument) else argument for argument in argv]
+    return names
 
 
 def check_command_line(config_name: str, argv: list[str]) -> None:
@@ -135,7 +142,8 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
                              for o, v in zip(overrides, values, strict=True)])
                     for i in range(max(map(len, values), default=0))] or [cfg]
         except HydraException as err:
-            raise ConfigError(describe_hydra_error(err, command)) from err
+            own = {f"model.{name}" for name in user_cell_settings(argv)} if command == "train" else set()
+            raise ConfigError(describe_hydra_error(err, command, own)) from err
     if args.cfg is None:  # --cfg job only prints the config
         # A single run is refused before its folder is made; in a sweep a job whose values do not fit is recorded
         # as failed and the others run, unless no job would (a mistake outside the swept values).
@@ -181,8 +189,9 @@ def _set_output_dir(cfg: DictConfig, multirun: bool) -> None:
     HydraConfig.instance().set_config(cfg)
 
 
-def describe_hydra_error(err: HydraException, command: str = "train") -> str:
-    """Hydra's complaint about the command line, in one line with the fix."""
+def describe_hydra_error(err: HydraException, command: str = "train", also_known: set[str] = frozenset()) -> str:
+    """Hydra's complaint about the command line, in one line with the fix; ``also_known``: keys that are settings too
+    (a user's cell's), suggested for a misspelled one."""
     if isinstance(err, MissingConfigException) and err.options:  # model=foo
         group, _, name = err.missing_cfg_file.rpartition("/")
         options = ", ".join(sorted(o for o in err.options if not o.startswith("_")))  # _*.yaml are shared bases
@@ -199,7 +208,7 @@ def describe_hydra_error(err: HydraException, command: str = "train") -> str:
         known = sorted(k for k in settings_table(command) if "*" not in k) if command in TABLES else []
         if key in known:
             return f"{key} cannot be deleted (~{key}): every setting needs a value; give {key}=... instead"
-        close = difflib.get_close_matches(key, known, n=3)
+        close = difflib.get_close_matches(key, sorted({*known, *also_known}), n=3)
         hint = f"did you mean {' or '.join(close)}?" if close else f"check the names in conf/{command}.yaml"
         if command == "train" and key.partition(".")[0] in ("trainer", "optimizer", "scheduler", "callbacks", "logger"):
             hint += f" (an argument the config does not list is added with +{key}=...)"

@@ -192,6 +192,7 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
         len(splits["train"]), len(splits["valid"]), len(splits["test"]), cfg.model.cell, model.net.num_parameters(),
     )
     summary.update(params=model.net.num_parameters(), level=vocab.level, vocab_size=len(vocab))
+    log.info("Run folder: %s", cfg.paths.output_dir)  # said first too: a resumed run writes a new one
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [HparamsWithBest(run_hparams(cfg))]
     callbacks += [RandomStreams(), ValidateFinalWeights()]  # how rnnlm trains, whatever callbacks the config lists
