@@ -1,7 +1,7 @@
 """The regularizers of AWD-LSTM (Merity, Keskar and Socher 2017, arXiv 1708.02182), as plain functions:
 locked (variational) dropout, embedding dropout, and activation / temporal activation regularization.
-Weight drop (DropConnect on the hidden-to-hidden matrices) is ``F.dropout`` applied to those matrices, where
-each implementation of the recurrent stack reads them (:mod:`rnnlm.backbone`, :mod:`rnnlm.cells`)."""
+Weight drop (DropConnect on the hidden-to-hidden matrices) is ``F.dropout`` applied to those matrices, where each
+cell reads them (:meth:`rnnlm.cells.RecurrentCell.drop_recurrent`)."""
 
 from __future__ import annotations
 
