@@ -100,3 +100,11 @@ def test_score_cli_refuses_when_no_candidate_is_known(word_run):
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
         assert result.stderr.startswith("error: ") and message in result.stderr
+
+
+@pytest.mark.parametrize("command", ["score", "generate"])
+def test_the_inference_commands_do_not_import_lightning(command):
+    """Lightning takes seconds to import, and scoring or generating from a checkpoint does not need it."""
+    code = f"import sys, rnnlm.commands.{command}; print(sorted(m for m in sys.modules if m.startswith('lightning')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

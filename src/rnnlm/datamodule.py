@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from rnnlm.corpora import SPLITS, CorpusSource, DataError, named_source, path_source
-from rnnlm.loss import IGNORE_INDEX
+from rnnlm.loss import IGNORE_INDEX, pad_batch
 from rnnlm.prepare import PreparedCorpus, prepare
 from rnnlm.recall import write_recall_corpus
 from rnnlm.vocab import Vocab
@@ -187,13 +187,6 @@ class EvenShards(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
-
-
-def pad_batch(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest line: inputs with id 0 (never scored), targets with IGNORE_INDEX."""
-    inputs = torch.nn.utils.rnn.pad_sequence([x for x, _ in examples], batch_first=True, padding_value=0)
-    targets = torch.nn.utils.rnn.pad_sequence([y for _, y in examples], batch_first=True, padding_value=IGNORE_INDEX)
-    return inputs, targets
 
 
 def make_loader(dataset: Dataset, rows: int, shuffle: bool = False, num_workers: int = 0,

@@ -1,5 +1,5 @@
-"""The loss and how it is quoted: summed cross-entropy over the scored targets, in nats, and as bits per
-character or perplexity."""
+"""The loss and how it is quoted: summed cross-entropy over the scored targets (padding never counts), in nats,
+and as bits per character or perplexity."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 IGNORE_INDEX = -100  # the target id of padding: never scored (cross-entropy's own default)
 
@@ -24,3 +25,11 @@ def loss_in_units(loss: float, level: str) -> tuple[str, float]:
     if level == "char":
         return "bpc", loss / math.log(2)
     return "ppl", math.exp(min(loss, 700.0))  # exp overflows a float beyond ~709
+
+
+def pad_batch(examples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Right-pad (inputs, targets) lines to the longest: inputs with id 0 (never scored), targets with
+    :data:`IGNORE_INDEX`, so that padding adds nothing to the loss."""
+    inputs = pad_sequence([x for x, _ in examples], batch_first=True, padding_value=0)
+    targets = pad_sequence([y for _, y in examples], batch_first=True, padding_value=IGNORE_INDEX)
+    return inputs, targets

@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnlm.datamodule import pad_batch
 from rnnlm.errors import ConfigError
-from rnnlm.loss import IGNORE_INDEX
+from rnnlm.loss import IGNORE_INDEX, pad_batch
 from rnnlm.network import LanguageModel
 from rnnlm.vocab import Vocab
 
