@@ -21,6 +21,7 @@ from rnnlm.stack import RecurrentStack, layer_widths
 from rnnlm.state import State
 
 SOFTMAXES = ("full", "adaptive")
+CANNOT_GENERATE = "a bidirectional model cannot generate text: it predicts tokens from both sides"
 # Where the adaptive softmax's clusters start when model.adaptive_cutoffs is not given: the 2,000 most
 # frequent tokens (most of any text's tokens) in the head, then clusters of growing size and shrinking
 # width. Those below the vocabulary size are used.
@@ -370,7 +371,7 @@ class LanguageModel(nn.Module):
             ValueError: a bidirectional network (it reads each token's future too: it cannot generate).
         """
         if self.bidirectional:
-            raise ValueError("a bidirectional model cannot generate text: it predicts tokens from both sides")
+            raise ValueError(CANNOT_GENERATE)
         h, state = self.backbone.step(self.embed(tokens), state)
         return self.logits(h if self.projection is None else self.projection(h)), state
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnlm.network import LanguageModel
+from rnnlm.network import CANNOT_GENERATE, LanguageModel
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -63,7 +63,7 @@ def generate_tokens(
     prompt = prompt.to(net.device)
     try:
         if net.bidirectional:
-            raise ValueError("a bidirectional model cannot generate text: it predicts tokens from both sides")
+            raise ValueError(CANNOT_GENERATE)  # before the first token, which needs no step
         logits, state = net(prompt)
         logits = logits[:, -1]
         new = []

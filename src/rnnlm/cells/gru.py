@@ -95,17 +95,20 @@ class ScratchGRU(TextbookCell):
         return (1 - z) * g + z * h  # h_t = (1-z_t)∘g_t + z_t∘h_{t-1}
 
     def forward(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
-        w_h = self.drop_recurrent(self.stacked()[1])
-        outputs, h = run_steps(lambda xw, h: self._step(xw, h, w_h), self.input_part(x), state[0])
+        xw, w_h = self.projected(x)
+        w_h = self.drop_recurrent(w_h)
+        outputs, h = run_steps(lambda xw_t, h: self._step(xw_t, h, w_h), xw, state[0])
         return outputs, (h,)
 
     def step(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
-        h = self._step(self.input_part(x), state[0], self.stacked()[1])
+        xw, w_h = self.projected(x)
+        h = self._step(xw, state[0], w_h)
         return h, (h,)
 
     def gates(self, x: Tensor, state: CellState) -> dict[str, Tensor]:
-        xr, xz, _ = self.input_part(x).chunk(3, -1)
-        hr, hz = (state[0] @ self.stacked()[1][: 2 * self.hidden_size].t()).chunk(2, -1)
+        xw, w_h = self.projected(x)
+        xr, xz, _ = xw.chunk(3, -1)
+        hr, hz = (state[0] @ w_h[: 2 * self.hidden_size].t()).chunk(2, -1)
         return gru_gates(xr + hr, xz + hz)
 
     def recurrent_bias(self) -> Tensor | None:

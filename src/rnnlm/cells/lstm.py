@@ -131,17 +131,20 @@ class ScratchLSTM(TextbookCell):
     gate_letters = ("i", "f", "g", "o")
 
     def forward(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
-        w_h = self.drop_recurrent(self.stacked()[1])
-        xw = self.input_part(x).transpose(0, 1).contiguous()  # (T, B, 4H)
+        xw, w_h = self.projected(x)
+        w_h = self.drop_recurrent(w_h)
+        xw = xw.transpose(0, 1).contiguous()  # (T, B, 4H)
         hs, c = LSTMLoop.apply(xw, state[0], state[1], w_h)
         return hs.transpose(0, 1), (hs[-1], c)
 
     def step(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
         h, c = state
-        i, f, g, o = (self.input_part(x) + h @ self.stacked()[1].t()).chunk(4, -1)
+        xw, w_h = self.projected(x)
+        i, f, g, o = (xw + h @ w_h.t()).chunk(4, -1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # C_t = f_t∘C_{t-1} + i_t∘g_t
         h = torch.sigmoid(o) * torch.tanh(c)  # h_t = o_t∘tanh(C_t)
         return h, (h, c)
 
     def gates(self, x: Tensor, state: CellState) -> dict[str, Tensor]:
-        return lstm_gates(self.input_part(x) + state[0] @ self.stacked()[1].t())
+        xw, w_h = self.projected(x)
+        return lstm_gates(xw + state[0] @ w_h.t())

@@ -50,10 +50,12 @@ class ScratchRNN(TextbookCell):
         self.activation = NONLINEARITIES[nonlinearity]
 
     def forward(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
-        w_h = self.drop_recurrent(self.stacked()[1])
-        outputs, h = run_steps(lambda xw, h: self.activation(xw + h @ w_h.t()), self.input_part(x), state[0])
+        xw, w_h = self.projected(x)
+        w_h = self.drop_recurrent(w_h)
+        outputs, h = run_steps(lambda xw_t, h: self.activation(xw_t + h @ w_h.t()), xw, state[0])
         return outputs, (h,)
 
     def step(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
-        h = self.activation(self.input_part(x) + state[0] @ self.stacked()[1].t())  # W_x x + b + W_h h
+        xw, w_h = self.projected(x)
+        h = self.activation(xw + state[0] @ w_h.t())  # W_x x + b + W_h h
         return h, (h,)

@@ -40,10 +40,11 @@ class TextbookCell(RecurrentCell):
             torch.cat([getattr(self, f"b_{g}" if g else "b") for g in gates]),
         )
 
-    def input_part(self, x: Tensor) -> Tensor:
-        """``W_x x + b`` for every gate, for all steps at once: (..., I) -> (..., G*H)."""
-        w_x, _, b = self.stacked()
-        return torch.addmm(b, x.reshape(-1, x.size(-1)), w_x.t()).view(*x.shape[:-1], -1)
+    def projected(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``W_x x + b`` for every gate, for all steps at once ((..., I) -> (..., G*H)), and the stacked recurrent
+        matrices W_h (G*H, H): the per-gate weights are concatenated once per call."""
+        w_x, w_h, b = self.stacked()
+        return torch.addmm(b, x.reshape(-1, x.size(-1)), w_x.t()).view(*x.shape[:-1], -1), w_h
 
     def recurrent_bias(self) -> Tensor | None:
         """A bias added to ``W_h h`` alone (torch.nn's ``bias_hh``), where the equations have one; None here."""

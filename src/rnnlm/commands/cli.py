@@ -205,6 +205,8 @@ def describe_hydra_error(err: HydraException, command: str = "train", also_known
         if command == "train" and (owner := _cell_owning(key)):  # model=lstm model.nonlinearity=relu
             return (f"{key} applies to model={owner} only (the chosen cell does not read it): drop it, or use "
                     f"model={owner}")
+        if key in also_known:  # ~model.<setting of the user's cell>: absent unless given, so its default holds
+            return f"{key} is not set, so the cell's default applies: drop ~{key}"
         known = sorted(k for k in settings_table(command) if "*" not in k) if command in TABLES else []
         if key in known:
             return f"{key} cannot be deleted (~{key}): every setting needs a value; give {key}=... instead"
