@@ -2,16 +2,19 @@
 """Generation speed: rnnlm's decoding against a plain-PyTorch sampling loop, same weights, same run.
 
 The baseline is what every RNN code does, and what pytorch/examples' word_language_model
-``generate.py`` does: call ``torch.nn.LSTM``/``GRU`` (seq-first, as there) on one token with the
-carried hidden state, then ``torch.multinomial`` on softmax(logits / temperature) — no Lightning and
+``generate.py`` does: call ``torch.nn.RNN`` (tanh), ``LSTM`` or ``GRU`` (seq-first, as there) on one token with
+the carried hidden state, then ``torch.multinomial`` on softmax(logits / temperature) — no Lightning and
 no rnnlm code in the loop. Its weights are copied from rnnlm's network. rnnlm is
 ``rnnlm.sampling.generate_tokens`` on a ``rnnlm.network.LanguageModel`` (it reads the prompt once, then takes
-one step of every cell per token: ``LanguageModel.step``). Both draw from a CPU generator with the same seed, so on
-the CPU they write the same text, which is checked. A third column re-runs the model on the whole growing prefix
-for every token: the lecture's reference for "no carried state", which no RNN code does; it is measured at
-one sample only (it costs O(tokens²)) and ``--no-naive`` leaves it out.
+one step of every cell per token: ``LanguageModel.stepper``; from 2 rows the fused LSTM and GRU multiply on
+oneDNN with weights packed once per text, and ``--unpacked`` adds rnnlm without that as a contender). Both draw
+from a CPU generator with the same seed, so on the CPU they write the same text, which is checked. A third
+column re-runs the model on the whole growing prefix for every token: the lecture's reference for "no carried
+state", which no RNN code does; it is measured at one sample only (it costs O(tokens²)) and ``--no-naive``
+leaves it out.
 
     python benchmarks/generate_speed.py                                  # lstm and gru 2x512, 1 and 8 samples
+    python benchmarks/generate_speed.py --cell rnn lstm gru --samples 1 8 64 --rounds 3 --no-naive
     python benchmarks/generate_speed.py --cell lstm --samples 1 --no-naive
     python benchmarks/generate_speed.py --device cuda --samples 1 16 --tokens 500 --rounds 3 --no-naive
     python benchmarks/generate_speed.py --no-naive --rounds 1 --profile  # and where each one's time goes (cProfile)
@@ -28,12 +31,14 @@ import argparse
 import cProfile
 import pstats
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnnlm.cells import fused
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.sampling import generate_tokens
 
@@ -41,7 +46,7 @@ WARMUP_TOKENS = 50
 
 
 class PlainRNNModel(nn.Module):
-    """word_language_model's RNNModel (eval mode, so without dropout): encoder -> nn.LSTM/GRU -> decoder."""
+    """word_language_model's RNNModel (eval mode, so without dropout): encoder -> nn.RNN/LSTM/GRU -> decoder."""
 
     def __init__(self, cell: str, ntoken: int, ninp: int, nhid: int, nlayers: int):
         super().__init__()
@@ -93,12 +98,27 @@ def naive_generate(net: LanguageModel, prompt: torch.Tensor, max_new_tokens: int
     return text[:, prompt.size(1):].cpu()
 
 
+def unpacked(fn):
+    """``fn`` with the fused cells' packed oneDNN stepping off (``rnnlm.cells.fused.PACK_FROM_ROWS`` out of reach):
+    rnnlm as it stepped before that switch, in the same run."""
+    def call(*args):
+        kept, fused.PACK_FROM_ROWS = fused.PACK_FROM_ROWS, sys.maxsize
+        try:
+            return fn(*args)
+        finally:
+            fused.PACK_FROM_ROWS = kept
+    return call
+
+
 def contenders(net: LanguageModel, plain: PlainRNNModel, temperature: float, seed: int) -> dict:
     """name -> function(prompt, tokens) returning the new tokens (B, N) on the CPU, each from a fresh generator."""
+    def rnnlm(p, n):
+        return generate_tokens(net, p, n, temperature, generator=torch.Generator().manual_seed(seed)).cpu()
+
     return {
         "plain loop": lambda p, n: plain_generate(plain, p, n, temperature, torch.Generator().manual_seed(seed)),
-        "rnnlm": lambda p, n: generate_tokens(net, p, n, temperature,
-                                              generator=torch.Generator().manual_seed(seed)).cpu(),
+        "rnnlm": rnnlm,
+        "rnnlm unpacked": unpacked(rnnlm),
         "growing prefix": lambda p, n: naive_generate(net, p, n, temperature, torch.Generator().manual_seed(seed)),
     }
 
@@ -169,6 +189,8 @@ def main() -> None:
                         help="torch.backends.mkldnn.enabled=False: torch.nn's own LSTM/GRU kernels instead of oneDNN's")
     parser.add_argument("--no-naive", action="store_true",
                         help="leave out the growing-prefix reference (otherwise measured at 1 sample only)")
+    parser.add_argument("--unpacked", action="store_true",
+                        help="also time rnnlm without the fused cells' packed oneDNN stepping (its gain, same run)")
     parser.add_argument("--profile", action="store_true",
                         help="also cProfile one text of rnnlm and one of the plain loop, at each sample count")
     args = parser.parse_args()
@@ -192,7 +214,8 @@ def main() -> None:
         plain = PlainRNNModel(cell, args.vocab, args.embedding_dim, args.hidden_size, args.num_layers).copy_from(net)
         fns = contenders(net, plain, args.temperature, seed=0)
         for samples in args.samples:
-            names = ["plain loop", "rnnlm"] + (["growing prefix"] if samples == 1 and not args.no_naive else [])
+            names = (["plain loop", "rnnlm"] + (["rnnlm unpacked"] if args.unpacked else [])
+                     + (["growing prefix"] if samples == 1 and not args.no_naive else []))
             prompt = torch.zeros(samples, 1, dtype=torch.long, device=device)
             rates, texts = measure(fns, names, prompt, args.tokens, args.rounds)
             print(f"\n{cell}, {samples} sample(s): rnnlm and the plain loop wrote "
@@ -203,6 +226,10 @@ def main() -> None:
             ratio = statistics.median(rates["rnnlm"]) / statistics.median(rates["plain loop"])
             print(f"  rnnlm / plain loop {ratio:.2f} (median of per-round ratios {statistics.median(per_round):.2f}, "
                   f"{min(per_round):.2f}-{max(per_round):.2f})")
+            if args.unpacked:
+                before = [o / p for o, p in zip(rates["rnnlm unpacked"], rates["plain loop"], strict=True)]
+                print(f"  rnnlm unpacked / plain loop: median of per-round ratios {statistics.median(before):.2f}, "
+                      f"{min(before):.2f}-{max(before):.2f}")
             rows.append((cell, samples, rates, per_round))
             if args.profile:
                 profile(fns, prompt, args.tokens, 15)

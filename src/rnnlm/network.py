@@ -3,8 +3,9 @@ frozen config that describes it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import Any
 
 import torch
@@ -361,7 +362,6 @@ class LanguageModel(nn.Module):
         features = dropped if self.projection is None else self.projection(dropped)
         return features, state, outputs, dropped
 
-    @torch.no_grad()
     def step(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """One token per row, for generation (eval mode): tokens (B,) and the state -> next-token logits (B, V)
         (log-probabilities from an adaptive softmax) and the new state. Each cell takes its own one-step path
@@ -370,9 +370,20 @@ class LanguageModel(nn.Module):
         Raises:
             ValueError: a bidirectional network (it reads each token's future too: it cannot generate).
         """
+        return self._step(self.backbone.step, tokens, state)
+
+    @torch.no_grad()
+    def stepper(self, batch: int) -> Callable[[Tensor, State | None], tuple[Tensor, State]]:
+        """:meth:`step` for generating ``batch`` rows, with each cell's
+        :meth:`~rnnlm.cells.RecurrentCell.stepper`: the fused LSTM and GRU pack their weights for oneDNN once,
+        now, which pays from a few rows on a CPU. Make a new one after the weights change."""
+        return partial(self._step, self.backbone.stepper(batch))
+
+    @torch.no_grad()
+    def _step(self, backbone_step: Callable, tokens: Tensor, state: State | None) -> tuple[Tensor, State]:
         if self.bidirectional:
             raise ValueError(CANNOT_GENERATE)
-        h, state = self.backbone.step(self.embed(tokens), state)
+        h, state = backbone_step(self.embed(tokens), state)
         return self.logits(h if self.projection is None else self.projection(h)), state
 
     def logits(self, features: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
 """Text generation: encode the prompt once with the sequence kernels, then one recurrent step per new token with
-the carried state (:meth:`rnnlm.network.LanguageModel.step`)."""
+the carried state (:meth:`rnnlm.network.LanguageModel.stepper`)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def generate_tokens(
             raise ValueError(CANNOT_GENERATE)  # before the first token, which needs no step
         logits, state = net(prompt)
         logits = logits[:, -1]
+        step = net.stepper(prompt.size(0))
         new = []
         done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
         for _ in range(max_new_tokens):
@@ -76,7 +77,7 @@ def generate_tokens(
             new.append(token)
             if len(new) == max_new_tokens or (stop_id is not None and bool(done.all())):
                 break
-            logits, state = net.step(token, state)
+            logits, state = step(token, state)
         return (torch.stack(new, 1) if new else prompt.new_zeros(prompt.size(0), 0)).to(given_on)
     finally:
         net.train(was_training)

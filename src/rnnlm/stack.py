@@ -3,13 +3,15 @@ between layers, a backward direction that reads the sequence reversed, and the s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from rnnlm.cells import RecurrentCell, cell_class
+from rnnlm.cells.protocol import Step
 from rnnlm.regularization import sequence_dropout
 from rnnlm.state import State
 
@@ -90,13 +92,21 @@ class RecurrentStack(nn.Module):
     def step(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """One time step of a one-directional stack (generation): x (B, I) -> the top layer's h (B, H) and the new
         state. Eval mode: no dropout between layers."""
+        return self._step([cell.step for cell in self.cells], x, state)
+
+    def stepper(self, batch: int) -> Callable[[Tensor, State | None], tuple[Tensor, State]]:
+        """:meth:`step` for generating ``batch`` rows, through each cell's
+        :meth:`~rnnlm.cells.RecurrentCell.stepper` (made now, from the weights as they are now)."""
+        return partial(self._step, [cell.stepper(batch) for cell in self.cells])
+
+    def _step(self, steps: list[Step], x: Tensor, state: State | None) -> tuple[Tensor, State]:
         if self.directions != 1:
             raise ValueError("a bidirectional stack cannot step: its backward direction reads the sequence's end first")
         if state is None:
             state = self.zero_state(x.size(0), x)
         finals = []
-        for cell, cell_state in zip(self.cells, state, strict=True):
-            x, final = cell.step(x, cell_state)
+        for step, cell_state in zip(steps, state, strict=True):
+            x, final = step(x, cell_state)
             finals.append(final)
         return x, tuple(finals)
 

@@ -34,6 +34,17 @@ RESET_BEFORE_HAS_NO_FUSED_FORM = (
 )
 
 
+def gru_update(xw: Tensor, hw: Tensor, h: Tensor) -> Tensor:
+    """One step's h_t of the reset-after GRU from ``W_x x + b`` and ``W_h h + b_h`` (B, 3H each, blocks in the
+    order r, z, g: torch.nn's) and h_{t-1}."""
+    # five kernels, where the gates one by one take twelve: at 64 rows each costs about a tenth of a product
+    # (2x512, 2 threads: 330 -> 260 us a layer)
+    rz = 2 * h.size(-1)
+    r, z = torch.sigmoid(xw[:, :rz] + hw[:, :rz]).chunk(2, -1)
+    g = torch.tanh(torch.addcmul(xw[:, rz:], r, hw[:, rz:]))  # the reset after the product: r_t∘(W_hg h_{t-1} + b_hg)
+    return torch.lerp(g, h, z)  # h_t = (1-z_t)∘g_t + z_t∘h_{t-1}
+
+
 def gru_gates(r: Tensor, z: Tensor) -> dict[str, Tensor]:
     """The sigmoid gates from their pre-activations (B, H) each."""
     return {"reset": torch.sigmoid(r), "update": torch.sigmoid(z)}
@@ -46,6 +57,7 @@ class FusedGRU(FusedCell):
     gate_names = ("reset", "update")
     gate_count = 3
     kernel = torch.gru
+    packs = True
 
     def __init__(self, input_size: int, hidden_size: int, reset_after: bool = True):
         if not reset_after:
@@ -61,6 +73,10 @@ class FusedGRU(FusedCell):
 
     def step(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
         h = torch.gru_cell(x, state[0], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h, (h,)
+
+    def update(self, xw: Tensor, hw: Tensor, state: CellState) -> tuple[Tensor, CellState]:
+        h = gru_update(xw, hw, state[0])
         return h, (h,)
 
     def gates(self, x: Tensor, state: CellState) -> dict[str, Tensor]:

@@ -15,9 +15,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnlm.cells.fused import FusedCell
+from rnnlm.cells.fused import ONEDNN_LINEAR, FusedCell
 from rnnlm.cells.textbook import TextbookCell
 from rnnlm.state import CellState
+
+
+def lstm_update(preactivations: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """One step's h_t and C_t from ``W_x x + W_h h + b`` (B, 4H), blocks in the order i, f, g, o, and C_{t-1}."""
+    i, f, g, o = preactivations.chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # C_t = f_t∘C_{t-1} + i_t∘g_t
+    return torch.sigmoid(o) * torch.tanh(c), c  # h_t = o_t∘tanh(C_t)
 
 
 def lstm_gates(preactivations: Tensor) -> dict[str, Tensor]:
@@ -33,36 +40,25 @@ class FusedLSTM(FusedCell):
     gate_names = ("input", "forget", "output")
     gate_count = 4
     kernel = torch.lstm
+    packs = True
 
     def step(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
         h, c = torch.lstm_cell(x, state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h, (h, c)
+
+    def update(self, xw: Tensor, hw: Tensor, state: CellState) -> tuple[Tensor, CellState]:
+        h, c = lstm_update(xw.add_(hw), state[1])
         return h, (h, c)
 
     def gates(self, x: Tensor, state: CellState) -> dict[str, Tensor]:
         return lstm_gates(self.gate_preactivations(x, state[0]))
 
 
-def _probe_onednn_linear():
-    """oneDNN's linear kernel, when this torch build has it: at the small batch of a recurrent step it
-    multiplies about twice as fast as the default BLAS on the CPUs measured (benchmarks/cells_speed.py)."""
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-        x, w = torch.ones(2, 3), torch.ones(4, 3)
-        if torch.equal(op(x, w, None, "none", [], ""), x @ w.t()):
-            return op
-    except (AttributeError, RuntimeError):
-        pass
-    return None
-
-
-_ONEDNN_LINEAR = _probe_onednn_linear()
-
-
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w.T`` (no autograd: for code that writes its own backward)."""
-    usable = _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+    usable = ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
     if usable and not torch.compiler.is_compiling():  # the compiler cannot lower this op: it fuses its own
-        return _ONEDNN_LINEAR(x, w, None, "none", [], "")
+        return ONEDNN_LINEAR(x, w, None, "none", [], "")
     return x @ w.t()
 
 
@@ -138,11 +134,8 @@ class ScratchLSTM(TextbookCell):
         return hs.transpose(0, 1), (hs[-1], c)
 
     def step(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
-        h, c = state
         xw, w_h = self.projected(x)
-        i, f, g, o = (xw + h @ w_h.t()).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # C_t = f_t∘C_{t-1} + i_t∘g_t
-        h = torch.sigmoid(o) * torch.tanh(c)  # h_t = o_t∘tanh(C_t)
+        h, c = lstm_update(xw + state[0] @ w_h.t(), state[1])
         return h, (h, c)
 
     def gates(self, x: Tensor, state: CellState) -> dict[str, Tensor]:

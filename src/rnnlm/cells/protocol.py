@@ -10,7 +10,7 @@ command as a class path: ``model.cell=mypackage.cells:MyCell``. ``docs/cells.md`
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from rnnlm.schema import Setting
 from rnnlm.state import CellState
+
+Step = Callable[[Tensor, CellState], tuple[Tensor, CellState]]  # x (B, I), state -> h (B, H), new state
 
 # What a cell may say it supports (RecurrentCell.supports): the setting that needs each, and its value without it.
 FEATURES = {
@@ -79,6 +81,11 @@ class RecurrentCell(nn.Module):
             raise NotImplementedError(f"{type(self).__name__} must define forward(x, state) or step(x, state)")
         outputs, state = self(x.unsqueeze(1), state)
         return outputs[:, 0], state
+
+    def stepper(self, batch: int) -> Step:
+        """A function that takes :meth:`step`'s steps for ``batch`` rows, for generating a text: it may prepare
+        the weights as they are now, once (make a new one after they change). :meth:`step` itself by default."""
+        return self.step
 
     def zero_state(self, batch: int, like: Tensor) -> CellState:
         """The state a sequence starts from: zeros (batch, H) for each of :attr:`state_names`, with ``like``'s

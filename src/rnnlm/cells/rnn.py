@@ -26,6 +26,8 @@ class FusedRNN(FusedCell):
 
     settings = SETTINGS
     gate_count = 1
+    # packs stays False: its products, a quarter of an LSTM's, gained nothing from oneDNN's packed weights
+    # (benchmarks/generate_speed.py, 2x512, 2 threads: 8 rows 1.07x -> 0.93x the plain loop, 64 rows 1.01x -> 0.96x)
 
     def __init__(self, input_size: int, hidden_size: int, nonlinearity: str = "tanh"):
         super().__init__(input_size, hidden_size)
