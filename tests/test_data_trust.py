@@ -21,9 +21,10 @@ from torch.utils.data import DistributedSampler
 
 from helpers import PANGRAMS, REPO
 from rnnlm import corpora
+from rnnlm.batches import EvenShards
 from rnnlm.commands.train import train
 from rnnlm.corpora import CORPORA, DataError, RemoteFile, named_source, path_source, read_lines, text_lines
-from rnnlm.datamodule import EvenShards, TextDataModule
+from rnnlm.datamodule import TextDataModule
 from rnnlm.loss import IGNORE_INDEX
 from rnnlm.prepare import prepare
 

@@ -1,5 +1,6 @@
 """eval.py on every kind of checkpoint the trainer writes (stream, sentence, bidirectional): the trainer's scores."""
 
+import inspect
 import json
 import logging
 import os
@@ -14,9 +15,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from helpers import REPO
+from rnnlm.batches import make_loader, split_dataset
 from rnnlm.commands.cli import CONF_DIR
-from rnnlm.commands.eval import evaluate, evaluation_layout, recorded_data
-from rnnlm.datamodule import TextDataModule, make_loader, split_dataset
+from rnnlm.commands.eval import DATA_DEFAULTS, evaluate, evaluation_layout, recorded_data
+from rnnlm.datamodule import TextDataModule
 from rnnlm.loss import IGNORE_INDEX
 from rnnlm.prepare import encode_split
 
@@ -122,6 +124,11 @@ def test_evaluation_reads_whole_lines_where_training_cuts_them(tiny_corpus, tmp_
     whole = split_dataset(ids, vocab, "sentence", 8, 4, name="train")
     assert max(len(x) for x, _ in cut) == 8 and max(len(x) for x, _ in whole) > 8
     assert sum(len(y) for _, y in whole) == len(ids)  # every token of the split scored once
+
+
+def test_eval_falls_back_on_the_datamodules_own_defaults():
+    """eval lists TextDataModule's arguments and defaults itself, so as not to import it (and with it Lightning)."""
+    assert DATA_DEFAULTS == {name: p.default for name, p in inspect.signature(TextDataModule).parameters.items()}
 
 
 def test_a_checkpoint_without_data_settings_falls_back_to_what_training_did(caplog):

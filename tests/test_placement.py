@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import lightning
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -18,7 +17,7 @@ from rnnlm.commands import eval as eval_command
 from rnnlm.commands import generate as generate_command
 from rnnlm.commands import score as score_command
 from rnnlm.commands.cli import CONF_DIR, pick_device
-from rnnlm.commands.eval import evaluate, trainer_device
+from rnnlm.commands.eval import evaluate
 from rnnlm.commands.generate import generate_texts
 from rnnlm.sampling import generate_tokens
 from rnnlm.scoring import sentence_logprobs
@@ -52,7 +51,7 @@ def test_a_loaded_network_is_on_the_device_asked_for(ckpt):
     new = generate_tokens(loaded.net, torch.zeros(3, 2, dtype=torch.long, device="meta"), 5, greedy=True)
     assert new.shape == (3, 5) and new.device.type == "meta"
     assert {w.device.type for w in loaded.net.parameters()} == {"meta"}
-    # the rest of the training checkpoint (optimizer, weights for eval's Trainer) stays off the device
+    # the rest of the training checkpoint (the optimizer's state, the module's weights) stays off the device
     assert {v.device.type for v in loaded.state_dict.values()} == {"cpu"}
 
 
@@ -64,12 +63,8 @@ def test_auto_is_the_gpu_when_there_is_one(monkeypatch):
     assert pick_device("auto") == torch.device("cuda")
     assert pick_device("cuda:1") == torch.device("cuda:1")
     assert pick_device("cpu") == torch.device("cpu")  # the CPU on a GPU machine, when asked for
-    # eval hands the device to Lightning: cuda:1 must be GPU 1, not "one GPU" (the first)
-    assert trainer_device(torch.device("cuda")) == ("gpu", 1)
-    assert trainer_device(torch.device("cuda:1")) == ("gpu", [1])
-    assert trainer_device(torch.device("cpu")) == ("cpu", 1)
-    with pytest.raises(ConfigError, match="device=meta cannot evaluate: use auto, cpu, cuda or cuda:N"):
-        trainer_device(torch.device("meta"))
+    with pytest.raises(ConfigError, match="device=meta is not supported: use auto, cpu, cuda or cuda:N"):
+        pick_device("meta")
 
 
 @pytest.mark.parametrize("device,expected", [("auto", "cuda"), ("cuda:1", "cuda:1"), ("cpu", "cpu")])
@@ -86,25 +81,18 @@ def test_each_command_puts_the_model_on_the_device_asked_for(device, expected, c
 
     monkeypatch.setattr(generate_command, "load_checkpoint", load_on_cpu)
     monkeypatch.setattr(score_command, "load_checkpoint", load_on_cpu)
+    monkeypatch.setattr(eval_command, "load_checkpoint", load_on_cpu)
     [text] = generate_texts(_config("generate", f"ckpt_path={ckpt}", "prompt=the", "max_new_tokens=4",
                                     f"device={device}"))
     assert len(text) == 3 + 4
     score_command._hydra_main(_config("score", f"ckpt_path={ckpt}", "text=the quick ___", "candidates=[fox,dog]",
                                      f"device={device}"))
     assert "fox" in capsys.readouterr().out
-    assert asked == [torch.device(expected)] * 2
-
-    real_trainer, given = lightning.Trainer, []
-
-    def trainer_on_cpu(**kwargs):
-        given.append((kwargs["accelerator"], kwargs["devices"]))
-        return real_trainer(**{**kwargs, "accelerator": "cpu", "devices": 1})
-
-    monkeypatch.setattr(lightning, "Trainer", trainer_on_cpu)
+    # eval reads the split where the network is (cuda:1 is GPU 1, not "one GPU", the first)
     result = evaluate(_config("eval", f"ckpt_path={ckpt}", "split=valid", f"device={device}",
                               shared_data=shared_data, cache_dir=cache_dir))
     assert result["tokens"] > 0
-    assert given == [trainer_device(torch.device(expected))]
+    assert asked == [torch.device(expected)] * 3
 
 
 def test_16_bit_checkpoints_load_in_float32_and_run(train_tiny, tmp_path, shared_data, cache_dir):
@@ -125,7 +113,7 @@ def test_16_bit_checkpoints_load_in_float32_and_run(train_tiny, tmp_path, shared
         [(logprob, tokens)] = sentence_logprobs(loaded.net, loaded.vocab, ["the quick brown fox"])
         assert tokens == 20 and -100 < logprob < 0
     result = evaluate(_config("eval", f"ckpt_path={half}", "split=valid", "device=cpu", shared_data=shared_data,
-                              cache_dir=cache_dir))  # eval builds the training module: it takes them too
+                              cache_dir=cache_dir))  # eval reads them too
     assert 0 < result["loss"] < 10
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+from rnnlm.batches import Sentences
 from rnnlm.checks import ConfigError, check_train_config, equal_budget
 from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.eval import evaluate
 from rnnlm.commands.train import train
-from rnnlm.datamodule import Sentences
 from rnnlm.loss import IGNORE_INDEX
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.recall import QUERY, recall_lines, write_recall_corpus

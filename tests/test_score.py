@@ -1,6 +1,7 @@
 """Ranking candidates for a blank: only words the model knows are ranked, one blank at a time, ckpt_path=last."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,9 +103,33 @@ def test_score_cli_refuses_when_no_candidate_is_known(word_run):
         assert result.stderr.startswith("error: ") and message in result.stderr
 
 
-@pytest.mark.parametrize("command", ["score", "generate"])
+@pytest.mark.parametrize("command", ["score", "generate", "eval"])
 def test_the_inference_commands_do_not_import_lightning(command):
-    """Lightning takes seconds to import, and scoring or generating from a checkpoint does not need it."""
+    """Lightning takes seconds to import, and scoring, generating from or evaluating a checkpoint does not need it."""
     code = f"import sys, rnnlm.commands.{command}; print(sorted(m for m in sys.modules if m.startswith('lightning')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+HEAVY = re.compile(r"^import time:.*\| +((?:lightning|pytorch_lightning|torchmetrics|tensorboard)(?:\.\S*)?)$", re.M)
+
+
+@pytest.mark.parametrize("command,args", [
+    ("generate", ["prompt=the", "max_new_tokens=5"]),
+    ("score", ["text=the quick ___ fox", "candidates=[brown,lazy]"]),
+    ("eval", ["split=valid"]),
+])
+def test_the_inference_commands_run_without_lightning(command, args, word_run, cache_dir, tmp_path):
+    """The whole command, start to exit, as a user runs it (eval of a stream checkpoint on one device included):
+    nothing it imports, when or wherever, is Lightning's (``-X importtime`` lists every module a process imports)."""
+    if command == "eval":
+        args = [*args, f"paths.cache_dir={cache_dir}", f"output={tmp_path / 'metrics.json'}"]
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "src" / f"{command}.py"), "ckpt_path=last",
+                             *args], capture_output=True, text=True, cwd=word_run, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() and "import time:" in result.stderr
+    assert HEAVY.findall(result.stderr) == []
+    if command == "eval":  # the process ends without Python's teardown: its log is complete all the same
+        log = max((word_run / "outputs" / "eval").glob("runs/*/eval.log"), key=lambda p: p.stat().st_mtime)
+        assert f"Metrics written to {tmp_path / 'metrics.json'}" in log.read_text()

@@ -15,12 +15,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from helpers import REPO, compose_train
+from rnnlm.batches import EvaluationStream
 from rnnlm.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.eval import evaluate
 from rnnlm.commands.train import check_optimized_metric, returned_metrics, train
 from rnnlm.corpora import DataError, path_source
-from rnnlm.datamodule import EvaluationStream, TextDataModule
+from rnnlm.datamodule import TextDataModule
 from rnnlm.errors import ConfigError
 from rnnlm.prepare import encode_split
 from rnnlm.resume import check_resumable, epochs_trained, resume_command_line, resume_config

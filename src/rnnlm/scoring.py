@@ -1,7 +1,10 @@
-"""Scoring text with a network: the log-probability of whole lines, and the ranking of the tokens that could
-fill a blank (from the left context and after it, or from both sides with a bidirectional model)."""
+"""Scoring text with a network: the loss over a split's batches (as validation and test compute it), the
+log-probability of whole lines, and the ranking of the tokens that could fill a blank (from the left context and
+after it, or from both sides with a bidirectional model)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -9,7 +12,59 @@ from torch import Tensor
 from rnnlm.errors import ConfigError
 from rnnlm.loss import IGNORE_INDEX, pad_batch
 from rnnlm.network import LanguageModel
+from rnnlm.state import State, batch_rows
 from rnnlm.vocab import Vocab
+
+
+def chunk_loss(net: LanguageModel, inputs: Tensor, targets: Tensor, state: State | None,
+               count_correct: bool = False) -> tuple[Tensor, Tensor, State | None, Tensor | None]:
+    """The summed loss (nats) of one chunk, as :class:`rnnlm.lightning_module.RecurrentLM` computes it in validation
+    and test: targets (B, T) follow inputs (B, T) step by step, from ``state``.
+
+    Returns:
+        the summed loss, the number of scored targets, the final state (None for a bidirectional network) and, with
+        ``count_correct``, how many scored targets the network ranks first (else None).
+    """
+    if net.bidirectional:  # each target predicted from both sides of it
+        # Row b of the window is inputs[b, 0] then the targets: T+1 tokens, so the targets' right neighbours are in
+        # view. Window position 0 was the previous chunk's last target (or a row's first token, never a target):
+        # scoring only positions 1..T counts every token once.
+        window = torch.cat([inputs[:, :1], targets], 1)  # (B, T+1)
+        features, state = net.features(window)[0][:, 1:], None
+    else:
+        features, state = net.features(inputs, state)  # (B, T, D)
+    correct = None
+    if count_correct:
+        scored = targets != IGNORE_INDEX
+        correct = (net.logits(features[scored]).argmax(-1) == targets[scored]).sum()
+    return *net.summed_loss(features, targets), state, correct
+
+
+@torch.inference_mode()
+def split_loss(net: LanguageModel, batches: Iterable[tuple[Tensor, Tensor]], carry_state: bool,
+               count_correct: bool = False) -> tuple[float, float, float]:
+    """The summed loss (nats) over ``batches`` read in order, the number of scored targets and, with
+    ``count_correct``, of those the network ranks first: one process's validation or test in training, without
+    Lightning. Each batch is moved to the network's device.
+
+    With ``carry_state`` (a model trained on a stream) each chunk starts from the previous chunk's final state while
+    the rows stay as many: a stream's columns carry on, and its remainder, read as one shorter row, starts afresh.
+    The sums are float64, added chunk by chunk as :class:`rnnlm.lightning_module.RecurrentLM` adds them.
+    """
+    net.eval()
+    device = net.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, scored targets, ranked first
+    state = None
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        if state is not None and batch_rows(state) != inputs.size(0):
+            state = None
+        total, count, final, correct = chunk_loss(net, inputs, targets, state, count_correct)
+        state = final if carry_state else None
+        right = correct.double() if correct is not None else total.new_zeros((), dtype=torch.float64)
+        sums += torch.stack([total.double(), count.double(), right])
+    total, count, right = sums.tolist()
+    return total, count, right
 
 
 @torch.no_grad()

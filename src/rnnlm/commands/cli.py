@@ -30,7 +30,6 @@ from rnnlm import CONF_DIR
 from rnnlm.checkpoint import written_by_torch
 from rnnlm.checks import equal_budget
 from rnnlm.errors import ConfigError, UserError
-from rnnlm.resume import resume_command_line
 
 # The stream loader is an IterableDataset with a length, read without worker processes, so the
 # length is exact; Lightning's warning about workers duplicating data does not apply.
@@ -72,12 +71,74 @@ def exit_on_user_error(task: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def run_command(hydra_main: Callable[[], object], config_name: str) -> None:
-    """Run a ``@hydra.main`` function once :func:`check_command_line` has passed its command line."""
+def end_program(entry: Callable[[], None]) -> None:
+    """End the process now, with status 0, if ``entry`` is the program itself (the ``main`` of its ``__main__``
+    module: a console script, ``src/X.py``, ``python -m``), once stdout, stderr and the logs are flushed: Python's
+    teardown frees the hundreds of thousands of objects torch makes one by one, which takes longer (0.3-0.5 s) than
+    an inference command's work on a small checkpoint. Called from within another program (a test, a notebook) it
+    returns, as it does when the output cannot be flushed (a closed pipe: Python's own exit reports it)."""
+    if getattr(sys.modules.get("__main__"), "main", None) is not entry:
+        return
+    logging.shutdown()  # what atexit would do first: the log files written out and closed
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        return
+    os._exit(0)
+
+
+def run_command(hydra_main: Callable[[], object], config_name: str, compose_once: bool = False) -> bool:
+    """Run a ``@hydra.main`` function once :func:`check_command_line` has passed its command line.
+
+    ``compose_once``: a single run (no ``-m``, no flag but ``--run``) runs on the config the check composed, as
+    ``hydra.main`` would run it (:func:`run_composed`), instead of Hydra composing it twice more.
+
+    Returns:
+        whether the command ran so, as one job in this process (after which :func:`end_program` may end it).
+    """
     if config_name == "train":  # settings of a resumed checkpoint's own groups (optimizer.nonmono of NT-ASGD)
+        from rnnlm.resume import resume_command_line
+
         sys.argv[1:] = cell_command_line(resume_command_line(sys.argv[1:]))
-    exit_on_user_error(check_command_line)(config_name, sys.argv[1:])
-    hydra_main()
+    cfg = exit_on_user_error(check_command_line)(config_name, sys.argv[1:])
+    if compose_once and cfg is not None:
+        run_composed(hydra_main.__wrapped__, cfg, config_name)  # the function under hydra.main's decorator
+        return True
+    hydra_main()  # a sweep's launcher may leave worker processes that Python's own exit stops
+    return False
+
+
+def run_composed(task: Callable[[DictConfig], object], cfg: DictConfig, config_name: str) -> None:
+    """Run ``task`` on ``cfg``, a single run's config composed with its ``hydra`` node, as ``hydra.main`` runs it:
+    Hydra's logging, its callbacks (``conf/hydra/default.yaml``'s run folder), the run folder and its ``.hydra/``
+    files, ``${hydra:...}`` and the report of an exception are Hydra's own (``Hydra.run``, ``run_job``).
+
+    ``hydra.main`` composes the config twice (once to find the run mode, once to run), about 0.1 s each, after
+    :func:`check_command_line` has composed it once already.
+    """
+    from hydra._internal.callbacks import Callbacks
+    from hydra._internal.utils import run_and_report
+    from hydra.core.utils import configure_log, run_job
+    from hydra.types import HydraContext
+
+    with read_write(cfg.hydra):  # what hydra.main adds when it finds no mode in the config
+        if cfg.hydra.mode is None:
+            cfg.hydra.overrides.hydra.append("hydra.mode=RUN")
+            cfg.hydra.mode = RunMode.RUN
+
+    def run() -> None:
+        configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+        callbacks = Callbacks(cfg)
+        callbacks.on_run_start(config=cfg, config_name=config_name)
+        job = run_job(hydra_context=HydraContext(config_loader=GlobalHydra.instance().config_loader(),
+                                                 callbacks=callbacks),
+                      task_function=task, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None)
+        callbacks.on_run_end(config=cfg, config_name=config_name, job_return=job)
+        _ = job.return_value  # the task's exception, raised for run_and_report to show
+
+    with initialize_config_dir(str(CONF_DIR), job_name=config_name, version_base="1.3"):
+        run_and_report(run)
 
 
 def cell_command_line(argv: list[str]) -> list[str]:
@@ -106,7 +167,7 @@ def user_cell_settings(argv: list[str]) -> set[str]:
     return names
 
 
-def check_command_line(config_name: str, argv: list[str]) -> None:
+def check_command_line(config_name: str, argv: list[str]) -> DictConfig | None:
     """Compose the config as Hydra is about to, so that a misspelled key, an unknown choice, an unreadable
     override, a sweep without ``-m`` or a run folder that cannot be made costs one line (Hydra reports these
     in several lines, with exit status 1, from inside ``hydra.main`` where no wrapper can reach them); then
@@ -115,15 +176,19 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
     ``--help``, ``--info`` and the other flags, and another search path (``--config-dir``, ``--config-path``,
     as DDP processes are started with), are left to Hydra.
 
+    Returns:
+        the composed config, with its ``hydra`` node, of a single run of ``config_name`` (no ``-m`` and no flag but
+        ``--run``), for :func:`run_composed`; None when Hydra is to compose it.
+
     Raises:
         ConfigError: the message says what to change.
     """
     args = get_args_parser().parse_args(cell_command_line(argv) if config_name == "train" else argv)
     if (args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun
             or args.config_dir or args.config_path):
-        return
+        return None
     command = args.config_name or config_name
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), job_name=config_name, version_base="1.3"):
         # composed as hydra.main does to find the mode: for a sweep, with the sweeps' values left out
         compose = functools.partial(GlobalHydra.instance().hydra.compose_config, command,
                                     run_mode=RunMode.MULTIRUN, validate_sweep_overrides=False)
@@ -153,6 +218,8 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
     if args.cfg is None and cfg.hydra.output_subdir is not None:  # this run writes a folder
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         check_folder_writable(Path(OmegaConf.select(cfg, key)), key)
+    single = not (multirun or args.cfg or args.resolve or args.package or args.config_name or cfg.hydra.verbose)
+    return cfg if single else None
 
 
 def job_problems(cfg: DictConfig, command: str, multirun: bool, overrides: list[str]) -> list[str]:

@@ -1,42 +1,47 @@
 """Evaluate a checkpoint on its corpus's test split or any text (``conf/eval.yaml``):
-``rnnlm-eval ckpt_path=...``."""
+``rnnlm-eval ckpt_path=...``. Plain PyTorch: the split is read as training's validation and test read it, without
+Lightning, which would take seconds to import."""
 
 from __future__ import annotations
 
 import glob
-import inspect
 import json
 import logging
 from pathlib import Path
 
 import hydra
-import lightning as L
 import torch
 from omegaconf import DictConfig
 
+from rnnlm.batches import data_source, make_loader, split_dataset
 from rnnlm.checkpoint import LoadedModel, load_checkpoint, resolve_checkpoint
 from rnnlm.checks import ConfigError, check_eval_config
-from rnnlm.commands.cli import CONF_DIR, check_output, exit_on_user_error, pick_device, run_command
+from rnnlm.commands.cli import CONF_DIR, check_output, end_program, exit_on_user_error, pick_device, run_command
 from rnnlm.corpora import DataError, path_source
-from rnnlm.datamodule import TextDataModule, make_loader, split_dataset
 from rnnlm.files import remove_stale_temporaries, write_atomically
-from rnnlm.lightning_module import RecurrentLM
 from rnnlm.loss import loss_in_units
 from rnnlm.prepare import encode_split
+from rnnlm.scoring import split_loss
 
 log = logging.getLogger(__name__)
 
 MAX_UNK_SHARE = 0.5  # above this share of <unk>, a perplexity says nothing about the model
-# What TextDataModule records when a config leaves an argument out: the fallback for a key a checkpoint lacks.
-DATA_DEFAULTS = {name: p.default for name, p in inspect.signature(TextDataModule).parameters.items()}
+# TextDataModule's arguments and defaults (tests/test_eval_modes.py checks that they agree; datamodule.py imports
+# Lightning): what a checkpoint records, and the fallback for an argument it lacks.
+DATA_DEFAULTS = {
+    "corpus": "tinyshakespeare", "path": None, "level": "char", "mode": "stream", "seq_len": 128, "batch_size": 64,
+    "eval_batch_size": 10, "test_batch_size": None, "min_freq": 1, "max_size": None, "split": (0.9, 0.05, 0.05),
+    "holdout": True, "data_dir": "data", "cache_dir": ".cache", "download": True, "num_workers": 0, "scored": "all",
+    "recall": None, "variable_seq_len": False,
+}
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Token-weighted loss of the checkpoint on the chosen text, with the hidden state carried as in training."""
     check_eval_config(cfg)
-    accelerator, devices = trainer_device(pick_device(cfg.device))
+    device = pick_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
-    loaded = load_checkpoint(ckpt_path)  # on the CPU: the Trainer moves the module to the device
+    loaded = load_checkpoint(ckpt_path, map_location=device)  # the batches follow the network
     if not cfg.data.path and not {"corpus", "path"} & loaded.data.keys():
         raise ConfigError("the checkpoint does not record its training data: give data.path=FILE")
     vocab, trained = loaded.vocab, recorded_data(loaded)
@@ -44,8 +49,10 @@ def evaluate(cfg: DictConfig) -> dict:
         source = path_source(Path(cfg.data.path).expanduser())
         split = None if "all" in source.files else cfg.split  # a lone file is evaluated whole
     else:
-        where = {"data_dir": cfg.paths.data_dir, "cache_dir": cfg.paths.cache_dir}  # this machine's, not training's
-        source, split = TextDataModule(**{**trained, **where}).source(), cfg.split
+        # the corpus as training found it, in this machine's data_dir and cache_dir (not training's)
+        source = data_source(trained["corpus"], trained["path"], cfg.paths.data_dir, cfg.paths.cache_dir,
+                             trained["split"], trained["holdout"], trained["download"], trained["recall"])
+        split = cfg.split
     ids = encode_split(source, vocab, split)
     if vocab.unk_id is not None and len(ids) and (unk_share := float((ids == vocab.unk_id).mean())) > MAX_UNK_SHARE:
         raise DataError(
@@ -55,26 +62,31 @@ def evaluate(cfg: DictConfig) -> dict:
     mode, batch_size, seq_len = evaluation_layout(trained, loaded.info["world_size"], cfg.data.batch_size,
                                                   cfg.data.seq_len, split=split)
     dataset = split_dataset(ids, vocab, mode, seq_len, batch_size, name=split or "evaluation", scored=trained["scored"])
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
-    module = RecurrentLM.from_loaded(loaded)
-    metrics = trainer.test(module, dataloaders=make_loader(dataset, batch_size), verbose=False)[0]
-    loss = metrics["test/loss"]
+    answers = trained["scored"] == "last"  # data=recall: the share of answers ranked first, too
+    total, count, right = split_loss(loaded.net, make_loader(dataset, batch_size), loaded.info["carry_state"],
+                                     count_correct=answers)
+    loss = as_logged(total / max(count, 1.0))
     result = {
         "checkpoint": str(ckpt_path.resolve()),
         "global_step": loaded.info["global_step"],
         "text": f"{source.name}:{split or 'all'}",
         "level": vocab.level,
-        "tokens": int(metrics["test/tokens"]),
+        "tokens": int(count),
         "batch_size": batch_size,
         "seq_len": seq_len if mode == "stream" else None,  # sentences are read whole
         "loss": loss,
     }
     unit, value = loss_in_units(loss, vocab.level)
     result[unit] = value
-    if "test/answer_acc" in metrics:  # data.scored=last: the share of answers ranked first
-        result["answer_acc"] = metrics["test/answer_acc"]
+    if answers:
+        result["answer_acc"] = as_logged(right / max(count, 1.0))
     return result
+
+
+def as_logged(value: float) -> float:
+    """``value`` as training logs it (Lightning keeps a logged number in float32), so that eval gives the run's own
+    val/loss and test/loss to the last digit."""
+    return torch.tensor(value, dtype=torch.float32).item()
 
 
 def recorded_data(loaded: LoadedModel) -> dict:
@@ -121,20 +133,6 @@ def evaluation_layout(trained: dict, world_size: int, batch_size: int | None = N
     return trained["mode"], batch_size, seq_len or trained["seq_len"]
 
 
-def trainer_device(device: torch.device) -> tuple[str, int | list[int]]:
-    """Lightning's ``accelerator`` and ``devices`` for ``device``: ``cuda:1`` is ``("gpu", [1])``, so the
-    GPU asked for is the one used (``devices=1`` would take the first).
-
-    Raises:
-        ConfigError: a device type Lightning cannot evaluate on.
-    """
-    if device.type == "cuda":
-        return "gpu", [device.index] if device.index is not None else 1
-    if device.type in ("cpu", "mps"):
-        return device.type, 1
-    raise ConfigError(f"device={device} cannot evaluate: use auto, cpu, cuda or cuda:N")
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 @exit_on_user_error
 def _hydra_main(cfg: DictConfig) -> None:
@@ -149,7 +147,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point: ``rnnlm-eval [overrides]``."""
-    run_command(_hydra_main, "eval")
+    if run_command(_hydra_main, "eval", compose_once=True):
+        end_program(main)
 
 
 if __name__ == "__main__":

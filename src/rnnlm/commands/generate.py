@@ -12,7 +12,15 @@ from omegaconf import DictConfig
 
 from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
 from rnnlm.checks import ConfigError, check_generate_config
-from rnnlm.commands.cli import CONF_DIR, check_output, exit_on_user_error, pick_device, quote_free_text, run_command
+from rnnlm.commands.cli import (
+    CONF_DIR,
+    check_output,
+    end_program,
+    exit_on_user_error,
+    pick_device,
+    quote_free_text,
+    run_command,
+)
 from rnnlm.files import remove_stale_temporaries, write_atomically
 from rnnlm.sampling import generate_tokens
 
@@ -77,7 +85,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point: ``rnnlm-generate [overrides]``."""
     sys.argv[1:] = quote_free_text(sys.argv[1:], text_keys=("prompt",))
-    run_command(_hydra_main, "generate")
+    if run_command(_hydra_main, "generate", compose_once=True):
+        end_program(main)
 
 
 if __name__ == "__main__":

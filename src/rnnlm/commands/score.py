@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from rnnlm.checkpoint import load_checkpoint, resolve_checkpoint
 from rnnlm.checks import check_score_config
-from rnnlm.commands.cli import CONF_DIR, exit_on_user_error, pick_device, quote_free_text, run_command
+from rnnlm.commands.cli import CONF_DIR, end_program, exit_on_user_error, pick_device, quote_free_text, run_command
 from rnnlm.corpora import read_lines
 from rnnlm.errors import ConfigError
 from rnnlm.scoring import fill_blank, rank_candidates, rank_fillers, sentence_logprobs, unknown_candidates
@@ -68,7 +68,8 @@ def _print_unknown(candidates: list[str], why: str) -> None:
 def main() -> None:
     """Console entry point: ``rnnlm-score [overrides]``."""
     sys.argv[1:] = quote_free_text(sys.argv[1:], text_keys=("text", "blank"), list_keys=("candidates",))
-    run_command(_hydra_main, "score")
+    if run_command(_hydra_main, "score", compose_once=True):
+        end_program(main)
 
 
 if __name__ == "__main__":
