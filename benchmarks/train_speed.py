@@ -59,7 +59,8 @@ LAST_LOSSES = 50  # the final training loss is the mean of this many last steps 
 
 
 class StepTimer(L.Callback):
-    """Tokens/s of each training step, from batch start to batch end, and of the whole run; the step losses.
+    """Tokens/s of each call of the training step (``trainer.chunks_per_call`` chunks or fewer, each an optimizer
+    step), from batch start to batch end, and of the whole run; the step losses.
 
     On a GPU, steps are timed with CUDA events read once at the end, so timing never makes the host wait;
     the run's wall clock then goes from the first step's start to the moment the GPU finished the last.
@@ -86,7 +87,7 @@ class StepTimer(L.Callback):
             self._start_event.record()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        tokens = batch[1].numel()
+        tokens = sum(targets.numel() for _, targets in outputs["chunks"])
         self.last_end = time.perf_counter()
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
@@ -95,11 +96,9 @@ class StepTimer(L.Callback):
         else:
             self._rates.append(tokens / (self.last_end - self._t0))
         self.tokens += tokens
-        self.steps += 1
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if torch.is_tensor(loss):
-            self.losses.append(loss.detach().float().clone())  # a copy: a captured graph reuses its output
-            del self.losses[:-LAST_LOSSES]
+        self.steps += len(outputs["chunks"])
+        self.losses.extend(outputs["losses"].float().unbind())  # copies: a captured graph reuses its outputs
+        del self.losses[:-LAST_LOSSES]
 
     def on_train_end(self, trainer, pl_module):
         graphed = getattr(pl_module, "_graphed", None)  # rnnlm.cuda_graph.GraphedStep, when the module has one

@@ -12,12 +12,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+from rnnlm.batches import StreamChunks
 from rnnlm.checkpoint import load_checkpoint
 from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.eval import evaluate
 from rnnlm.commands.generate import generate_texts
 from rnnlm.commands.train import train
-from rnnlm.datamodule import StreamChunks
 from rnnlm.errors import ConfigError
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.ntasgd import NTASGD
@@ -267,16 +267,15 @@ def test_awd_activation_penalty_is_optimized_but_not_logged_as_the_loss(make_cfg
     from rnnlm.lightning_module import RecurrentLM
 
     seen = []
-    original = RecurrentLM.training_step
+    original = RecurrentLM.manual_backward
 
-    def record(self, batch, batch_idx):
-        objective = original(self, batch, batch_idx)
+    def record(self, objective, *args, **kwargs):  # what each step differentiates
         seen.append((objective.item(), self._penalty.item()))
-        return objective
+        return original(self, objective, *args, **kwargs)
 
     cfg = make_cfg(f"data.path={tiny_corpus}", "model.activation_reg=2", "model.temporal_activation_reg=1",
                    "trainer.max_steps=3", "test=false", "trainer.log_every_n_steps=1")
-    with unittest.mock.patch.object(RecurrentLM, "training_step", record):
+    with unittest.mock.patch.object(RecurrentLM, "manual_backward", record):
         metrics = train(cfg)
     assert all(penalty > 0 for _, penalty in seen)
     objective, penalty = seen[-1]  # what is optimized: the cross-entropy and the penalty; what is logged: the former

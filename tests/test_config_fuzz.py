@@ -96,6 +96,7 @@ def _applied(cfg: DictConfig, case: tuple[str, str, object]):
 def _dry_build(cfg: DictConfig) -> None:
     """Build what a training job builds from its config, without data or training: the network (on the meta
     device), the optimizer and scheduler, the trainer, the callbacks and the loggers."""
+    from rnnlm.commands.train import lightning_trainer
     from rnnlm.network import LanguageModel, NetworkConfig
 
     with torch.device("meta"):
@@ -107,7 +108,7 @@ def _dry_build(cfg: DictConfig) -> None:
         instantiate(callback)
     for logger in cfg.logger.values():
         instantiate(logger)
-    instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    instantiate(lightning_trainer(cfg.trainer), logger=False, enable_checkpointing=False)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

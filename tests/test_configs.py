@@ -13,7 +13,7 @@ from rnnlm.cells import BUILT_IN, setting_defaults
 from rnnlm.checkpoint import CHECKPOINT_KEY
 from rnnlm.checks import count_parameters
 from rnnlm.commands.cli import CONF_DIR
-from rnnlm.commands.train import train
+from rnnlm.commands.train import lightning_trainer, train
 from rnnlm.errors import ConfigError
 from rnnlm.network import NetworkConfig
 
@@ -80,7 +80,8 @@ def test_unknown_choice_is_rejected_with_the_options(make_cfg, override):
 def test_trainer_options_in_the_yaml_keep_lightning_defaults(make_cfg):
     cfg = make_cfg("trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0")  # no `+` needed
     assert cfg.trainer.limit_val_batches == 0
-    ours = instantiate(make_cfg(tiny=False).trainer, accelerator="cpu", logger=False, default_root_dir=None)
+    ours = instantiate(lightning_trainer(make_cfg(tiny=False).trainer), accelerator="cpu", logger=False,
+                       default_root_dir=None)
     plain = L.Trainer(accelerator="cpu", logger=False, devices=1)
     for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "num_sanity_val_steps",
                  "accumulate_grad_batches", "fast_dev_run", "overfit_batches"):

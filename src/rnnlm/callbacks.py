@@ -90,6 +90,12 @@ class RunCheckpoints(ModelCheckpoint):
         self._last_step_saved = -1
         self._in_validation_end = False
         self._replaced_handlers: dict[int, object] = {}
+        self._state_key = super().state_key
+
+    @property
+    def state_key(self) -> str:
+        # Lightning formats ModelCheckpoint's key from its settings at every hook call of every step; they are fixed
+        return self._state_key
 
     @property
     def last_path(self) -> Path:
@@ -134,11 +140,25 @@ class RunCheckpoints(ModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
 
     # ---------------------------------------------------------------- when to save
+    def _time_due(self) -> bool:
+        return self.every_n_seconds is not None and time.monotonic() - self._saved_at >= self.every_n_seconds
+
+    def acts_after_step(self, trainer) -> bool:
+        """Whether this callback may save after the step just taken: a training step that trains several chunks
+        (``trainer.chunks_per_call``) ends there. With several processes, only steps count (every process must
+        end its group at the same step): the clock and signals are agreed on every ``DECIDE_EVERY_N_STEPS``."""
+        step = trainer.global_step
+        if self.every_n_train_steps and step % self.every_n_train_steps == 0:
+            return True
+        if trainer.world_size > 1:
+            return step % DECIDE_EVERY_N_STEPS == 0
+        return self._time_due() or self.stop_signal is not None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
         by_steps = bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0
-        by_time = self.every_n_seconds is not None and time.monotonic() - self._saved_at >= self.every_n_seconds
+        by_time = self._time_due()
         stop = self.stop_signal is not None
         if trainer.world_size > 1:  # clocks and signals differ between processes: any one decides for all,
             # every few steps, as agreeing makes every process wait for the slowest
@@ -321,7 +341,8 @@ class ProgressBar(RichProgressBar):
 
 
 class TokensPerSecond(L.Callback):
-    """Logs ``train/tokens_per_s`` (scored tokens over wall time, averaged over ``window`` steps) and
+    """Logs ``train/tokens_per_s`` (scored tokens over wall time, averaged over ``window`` steps or more: it is
+    measured at the end of a call of the training step, which may train several chunks) and
     ``train/tokens_seen`` (all tokens trained on so far, the x-axis of sweep reports).
 
     Wall time between batch ends counts everything a step costs (data, forward, backward, optimizer,
@@ -372,10 +393,10 @@ class TokensPerSecond(L.Callback):
         self._restart()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        _, targets = batch
-        # Stream chunks score every target; padded sentences are counted on the device.
-        self._pending = self._pending + (targets.numel() if self._stream else (targets != IGNORE_INDEX).sum())
-        self._steps += 1
+        for _, targets in outputs["chunks"]:  # every chunk the call trained on (trainer.chunks_per_call)
+            # Stream chunks score every target; padded sentences are counted on the device.
+            self._pending = self._pending + (targets.numel() if self._stream else (targets != IGNORE_INDEX).sum())
+        self._steps += len(outputs["chunks"])
         full = self._steps >= self.window
         if full or writes_logs(trainer):
             self._read()

@@ -57,7 +57,11 @@ def upgrade_checkpoint(checkpoint: dict) -> dict:
     textbook cells as ``net.backbone.rnn.cells.0.W_xi``) and carried states as (layers, B, H) tensors, an (h, c)
     pair for LSTM; format 2 has one cell per layer (``net.backbone.cells.0.weight_ih``) and a tuple of states per
     cell. The parameters keep their order, so the optimizer's state (kept by position) needs no change.
+
+    Whatever the format, a checkpoint of a run whose steps Lightning took itself gets its step count where
+    manual steps keep theirs (:func:`_count_steps_as_manual`).
     """
+    _count_steps_as_manual(checkpoint)
     section = checkpoint.get(CHECKPOINT_KEY)
     if not isinstance(section, dict) or section.get("format") != 1:
         return checkpoint
@@ -75,6 +79,20 @@ def upgrade_checkpoint(checkpoint: dict) -> dict:
         config["model"]["_target_"] = "rnnlm.lightning_module.RecurrentLM"
     section["format"] = CHECKPOINT_FORMAT
     return checkpoint
+
+
+def _count_steps_as_manual(checkpoint: dict) -> None:
+    """Training steps are manual (Lightning's manual optimization: several chunks per call, see
+    ``RecurrentLM.training_step``); older runs' steps were Lightning's automatic optimization, which counts them
+    elsewhere in the loop's state. Moved there, a resumed run goes on from its step instead of from 0."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(loop, dict):
+        return
+    automatic = loop.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+    manual = loop.get("epoch_loop.manual_optimization.optim_step_progress")
+    if automatic and manual and manual["total"]["completed"] == 0 < automatic["total"]["completed"]:
+        for part in ("total", "current"):
+            manual[part] = {"ready": automatic[part]["ready"], "completed": automatic[part]["completed"]}
 
 
 _FORMAT1_FUSED = re.compile(r"(net\.(?:backward_)?backbone\.)rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)$")

@@ -108,11 +108,15 @@ class GradientFlow(L.Callback):
         if pl_module.net.bidirectional:
             raise ConfigError(BIDIRECTIONAL)
 
+    def acts_after_step(self, trainer) -> bool:
+        """A training step that trains several chunks (``trainer.chunks_per_call``) ends at the steps measured."""
+        return trainer.global_step % self.every_n_steps == 0
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if step % self.every_n_steps or not trainer.is_global_zero:
             return
-        inputs, targets = (t[: self.rows] for t in batch)
+        inputs, targets = (t[: self.rows] for t in outputs["chunks"][-1])  # the chunk of this step
         norms, gates = gradient_flow(pl_module.net, inputs, targets)
         self._write_csv(step, norms)
         ratio = norms[-1] / norms[0] if norms[0] > 0 else math.nan

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
 from rnnlm.checkpoint import (
@@ -32,12 +34,16 @@ from rnnlm.vocab import Vocab
 log = logging.getLogger(__name__)
 
 
-def writes_logs(trainer: L.Trainer | None) -> bool:
-    """Whether Lightning writes this training step's logged metrics (every ``log_every_n_steps``): the
-    values are computed, and the host waits for them, only then. Per step, each ``self.log`` call costs
-    more than a small model's whole step."""
+def writes_logs(trainer: L.Trainer | None, steps_ahead: int = 0) -> bool:
+    """Whether Lightning writes the logged metrics at this point of training: every ``log_every_n_steps``, and at
+    the last step (``trainer.max_steps``, counted ``steps_ahead`` of ``global_step``). The values are computed,
+    and the host waits for them, only then: per step, each ``self.log`` call costs more than a small model's whole
+    step."""
     connector = getattr(trainer, "_logger_connector", None)  # Lightning's own rule, not a copy of it
-    return connector is None or connector.should_update_logs
+    if connector is None:
+        return True
+    # Lightning writes at the last step too (through should_stop, which is set after the step's hooks have run)
+    return connector.should_update_logs or 0 < trainer.max_steps <= trainer.global_step + steps_ahead
 
 
 class RecurrentLM(L.LightningModule):
@@ -50,9 +56,8 @@ class RecurrentLM(L.LightningModule):
             model reads every chunk on its own.
         compile: run the recurrent stacks through ``torch.compile`` (worth it for ``impl=scratch``;
             the first step compiles, which takes tens of seconds).
-        cuda_graph: record the training step's forward, backward and clipping as a CUDA graph and replay
-            it (:mod:`rnnlm.cuda_graph`); the module then clips, with ``gradient_clip_val`` and
-            ``gradient_clip_algorithm`` (Lightning clips only steps it runs itself).
+        cuda_graph: record each chunk's forward, backward and clipping as a CUDA graph and replay it
+            (:mod:`rnnlm.cuda_graph`).
         optimizer: ``params -> Optimizer`` (a Hydra partial).
         scheduler: ``optimizer -> LRScheduler`` (a Hydra partial), stepped per epoch on ``val/loss``.
         answer_accuracy: also log ``val/answer_acc`` and ``test/answer_acc``, the share of scored targets the
@@ -64,13 +69,25 @@ class RecurrentLM(L.LightningModule):
         nominal_seq_len: variable-length BPTT (``data.variable_seq_len``): each step's learning rate is scaled
             by its chunk's length over this one, so that short chunks do not weigh as much as long ones
             (AWD-LSTM). ``None``: every step takes the configured rate.
+        chunks_per_call: ``trainer.chunks_per_call``: the most training chunks one ``training_step`` trains on, each
+            with its own forward, backward, clipping and optimizer step (see :meth:`training_step`).
+        gradient_clip_val / gradient_clip_algorithm: ``trainer.*``; the module clips (Lightning clips only the steps
+            of its automatic optimization).
+        accumulate_grad_batches: ``trainer.accumulate_grad_batches``: an optimizer step every this many chunks, on
+            the sum of their gradients (each chunk's loss divided by it), as Lightning's automatic optimization
+            accumulates.
         network: the fields of :class:`~rnnlm.network.NetworkConfig` but ``vocab_size`` (``model.*``).
+
+    Training steps are manual (Lightning's manual optimization), through Lightning's optimizer wrapper and
+    backward: precision plugins, DDP's gradient averaging, the hooks and ``trainer.global_step`` see every
+    optimizer step.
     """
 
     def __init__(self, vocab: Vocab, carry_state: bool = True, compile: bool = False, cuda_graph: bool = False,
                  optimizer: Callable | None = None, scheduler: Callable | None = None, answer_accuracy: bool = False,
                  activation_reg: float = 0.0, temporal_activation_reg: float = 0.0, nominal_seq_len: int | None = None,
-                 **network):
+                 chunks_per_call: int = 1, gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm",
+                 accumulate_grad_batches: int = 1, **network):
         super().__init__()
         self.vocab = vocab
         self.net = LanguageModel(NetworkConfig.from_settings(network, vocab_size=len(vocab)))
@@ -87,18 +104,23 @@ class RecurrentLM(L.LightningModule):
         self.activation_reg, self.temporal_activation_reg = activation_reg, temporal_activation_reg
         self._penalty: Tensor | None = None  # the last training step's AR + TAR
         self.nominal_seq_len = nominal_seq_len
-        self._lr_scale = 1.0  # this step's chunk length over nominal_seq_len
+        self._lr_scale = 1.0  # during an optimizer step: its chunk's length over nominal_seq_len
         self._averages_in = False  # NT-ASGD's averaged weights are in the parameters (during validation)
         self._eval_sums = torch.zeros(3, dtype=torch.float64)  # summed loss (nats), scored tokens, ranked first
         self.best_val_loss = math.inf  # saved with the resume state, so a resumed run remembers it
         self._first_bad_step = torch.tensor(-1)  # the first training step whose loss was not finite
-        self._device_step: Tensor | None = None  # the current training step, on the loss's device
+        self._device_step = torch.tensor(0)  # chunks trained (see on_train_start)
         self._new_lr = False
-        self.automatic_optimization = not cuda_graph
-        self.gradient_clip_val: float | None = None  # cuda_graph only; train.py passes the trainer's on
-        self.gradient_clip_algorithm = "norm"
+        self.automatic_optimization = False
+        self.chunks_per_call = chunks_per_call
+        self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.cuda_graph = cuda_graph
         self._graphed: GraphedStep | None = None
         self._grad_norm: Tensor | None = None  # the graphed step's, before clipping
+        self._logging = False  # this optimizer step's metrics are written
+        self._stepped = True  # the last chunk ended with an optimizer step (not accumulating)
+        self._acts_after_step: list[Callable[[L.Trainer], bool]] = []  # the callbacks' (see _group_ends)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel) -> RecurrentLM:
@@ -155,48 +177,150 @@ class RecurrentLM(L.LightningModule):
         return bool(self.activation_reg or self.temporal_activation_reg)
 
     # ---------------------------------------------------------------- training
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        if batch_idx == 0:  # a new pass over the stream starts from zeros (a resumed one from its checkpoint)
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # Lightning refuses accumulation with manual optimization (checked before this hook); the module
+            # accumulates itself, and with the setting back, Lightning counts steps and logs as it does when it
+            # accumulates (its own SWA callback changes the setting during training too).
+            self.trainer.accumulate_grad_batches = self.accumulate_grad_batches
+
+    def on_train_start(self) -> None:
+        self._acts_after_step = [c.acts_after_step for c in self.trainer.callbacks if hasattr(c, "acts_after_step")]
+        # chunks trained, counted on the device from the (restored) global step: making the number there each
+        # step would wait for the device
+        self._device_step = torch.tensor(self.global_step, device=self.device)
+        self._first_bad_step = self._first_bad_step.to(self.device)
+        # Restored (on_load_checkpoint) before Lightning moved the module, and in the saving run's dtype.
+        dtype = self.net.dtype
+        self._state["train"] = map_state(self._state["train"], lambda s: s.to(self.device, dtype))
+        # The restored optimizer state holds the learning rate the run had reached; a resume that asks
+        # for another one (e.g. lower, after a divergence) gets it.
+        if self._new_lr and self._configured_lr() is not None:
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self._configured_lr()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict:
+        """Trains on ``batch`` and on the chunks that follow it, up to ``chunks_per_call`` in all, each with its own
+        forward, backward, clipping and optimizer step: Lightning's costs of a call (its loop, hooks and logging:
+        more than a small model's step on a CPU) are paid once for all of them.
+
+        The group ends early after a step that Lightning or a callback acts on (:meth:`_group_ends`): a validation,
+        written metrics, a checkpoint, the end of the epoch or of ``max_steps``. So they see the step, its weights
+        and its position as they would with one chunk per call, and every setting counted in steps keeps its
+        meaning. Lightning's counters advance by one per chunk, so a checkpoint records the exact chunk to resume
+        from. Callbacks' batch hooks run once per call; ``outputs["chunks"]`` holds the chunks trained on.
+
+        Returns:
+            ``losses``: each chunk's mean cross-entropy, (n,); ``chunks``: the n ``(inputs, targets)`` trained on.
+        """
+        chunks, losses, objectives = [batch], [], []
+        while True:
+            loss, objective = self._train_chunk(chunks[-1])
+            losses.append(loss)
+            objectives.append(objective)
+            # a group ends at an optimizer step, unless something acts on the chunk before it (a validation)
+            if (len(chunks) >= self.chunks_per_call and self._stepped) or self._group_ends():
+                break
+            chunks.append(self._next_chunk())
+        self._check_finite(torch.stack(objectives))
+        if self._logging:
+            self._raise_if_diverged()
+        return {"losses": torch.stack(losses), "chunks": chunks}
+
+    def _train_chunk(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """One chunk: forward, backward, and unless accumulating, clipping and the optimizer step -> its loss and
+        the objective differentiated (with AR and TAR), detached."""
+        loop = self.trainer.fit_loop.epoch_loop
+        if loop.batch_idx == 0:  # a new pass over the stream starts from zeros (a resumed one from its checkpoint)
             self._state["train"] = None
-        if self.automatic_optimization:
+        self._stepped = not loop._should_accumulate()  # Lightning's rule: every N chunks, and at the epoch's end
+        optimizer = self.optimizers()
+        if self.cuda_graph:  # forward, backward and clipping in one replay (cuda_graph refuses accumulation)
+            loss, objective = self._graphed_step(batch)
+        else:
             total, count = self._step(batch, "train")
             loss = total / count
             objective = loss if self._penalty is None else loss + self._penalty
-        else:
-            loss, objective = self._graphed_step(batch)
-        # Every step is checked, on the device: reading the loss back each step would make the host wait
-        # for the GPU. The first bad step is read back when metrics are written.
-        if self._device_step is None:  # counted on the device too: making the number there each step would wait
-            self._device_step = torch.tensor(self.global_step, device=loss.device)
-            self._first_bad_step = self._first_bad_step.to(loss.device)
-        self._device_step += 1
-        bad = ~torch.isfinite(objective.detach()) & (self._first_bad_step < 0)
-        self._first_bad_step = torch.where(bad, self._device_step, self._first_bad_step)
-        if writes_logs(self._trainer):
-            self._raise_if_diverged()
+            if loop.batch_idx % self.accumulate_grad_batches == 0:  # the first chunk of a step, as Lightning zeroes
+                optimizer.zero_grad()
+            strategy = self.trainer.strategy
+            # DDP averages the gradients once, at the chunk that steps
+            accumulating = not self._stepped and isinstance(strategy, ParallelStrategy)
+            with strategy.block_backward_sync() if accumulating else contextlib.nullcontext():
+                self.manual_backward(objective / self.accumulate_grad_batches)
+        # as Lightning's automatic optimization, metrics are written at steps, not at the chunks they accumulate
+        self._logging = self._stepped and writes_logs(self._trainer, steps_ahead=1)
+        if self._stepped:
+            self._optimizer_step(optimizer, batch[0].size(1))
+            if loop._num_ready_batches_reached():  # the epoch's last chunk: Lightning steps these schedulers here
+                self._step_schedulers(plateau=False)
+        if self._logging:
             self.log("train/loss", loss.clone(), prog_bar=True)  # a graph's output is overwritten by the next step
-        return objective
+        return loss.detach(), objective.detach()
 
-    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        if self.nominal_seq_len:
-            self._lr_scale = batch[0].size(1) / self.nominal_seq_len
+    def _check_finite(self, objectives: Tensor) -> None:
+        """Records the first of the call's chunks whose objective is not finite: on the device, once per call, as
+        reading the losses back would make the host wait for the GPU. It is read back when metrics are written,
+        before a validation and before a checkpoint (:meth:`_raise_if_diverged`)."""
+        bad = ~torch.isfinite(objectives)
+        first = self._device_step + 1 + bad.int().argmax()
+        self._first_bad_step = torch.where(bad.any() & (self._first_bad_step < 0), first, self._first_bad_step)
+        self._device_step += objectives.numel()
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        if self._lr_scale == 1.0:
-            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+    def _optimizer_step(self, optimizer, chunk_len: int) -> None:
+        """The optimizer step through Lightning's wrapper (precision, hooks, step count). Variable-length BPTT
+        scales the rate by the chunk's length over the nominal one, for this step alone: schedulers and
+        checkpoints see the configured rate."""
+        if not self.nominal_seq_len:
+            optimizer.step()
+            return
+        self._lr_scale = chunk_len / self.nominal_seq_len
         configured = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             group["lr"] *= self._lr_scale
         try:
-            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        finally:  # the scaled rate is this step's alone: schedulers and checkpoints see the configured one
+            optimizer.step()
+        finally:
             for group, lr in zip(optimizer.param_groups, configured, strict=True):
                 group["lr"] = lr
+            self._lr_scale = 1.0
+
+    def _group_ends(self) -> bool:
+        """Whether Lightning or a callback acts after the step just taken: the end of the epoch or of
+        ``max_steps``, a stop, written metrics, a validation, or a callback's ``acts_after_step(trainer)`` (a
+        checkpoint). Every process of a DDP run decides the same, from counts alone."""
+        trainer = self.trainer
+        loop = trainer.fit_loop.epoch_loop
+        return (loop._is_training_done or trainer.should_stop or self._logging
+                or loop._should_check_val_fx(trainer.fit_loop._data_fetcher)  # Lightning's own rules
+                or any(acts(trainer) for acts in self._acts_after_step))
+
+    def _next_chunk(self) -> tuple[Tensor, Tensor]:
+        """The next chunk from Lightning's fetcher, moved to the device as Lightning moves a batch. Lightning's
+        counters advance as between two calls (the chunk just trained processed and completed, the next one
+        ready and started), so every count of batches (validation intervals, epochs, logging, resuming) counts
+        chunks as with one chunk per call."""
+        trainer = self.trainer
+        loop = trainer.fit_loop.epoch_loop
+        progress = loop.batch_progress
+        progress.increment_processed()
+        progress.increment_completed()
+        if self._stepped:  # as Lightning counts the batches that stepped, the x-axis of logged metrics
+            loop._batches_that_stepped += 1
+        fetcher = trainer.fit_loop._data_fetcher
+        batch, _, _ = next(fetcher)
+        progress.is_last_batch = fetcher.done
+        batch = trainer.precision_plugin.convert_input(batch)
+        batch = self._on_before_batch_transfer(batch, dataloader_idx=0)
+        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+        progress.increment_ready()
+        progress.increment_started()
+        return batch
 
     def _graphed_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Forward, backward and clipping from the CUDA graph (eagerly for other shapes), then the optimizer
-        step through Lightning, which keeps its step count, precision and hooks -> the mean cross-entropy and
-        the objective (with AR and TAR), both the graph's outputs."""
+        """Forward, backward and clipping from the CUDA graph (eagerly for other shapes) -> the mean cross-entropy
+        and the objective (with AR and TAR), both the graph's outputs."""
         inputs, targets = batch
         if self._graphed is None:
             def objective_and_loss(inputs: Tensor, targets: Tensor, state: State | None
@@ -208,18 +332,10 @@ class RecurrentLM(L.LightningModule):
 
             self._graphed = GraphedStep(objective_and_loss, [p for p in self.parameters() if p.requires_grad],
                                         self.gradient_clip_val, self.gradient_clip_algorithm)
-        result = {}
-
-        def closure() -> Tensor:
-            loss, objective, self._grad_norm, state = self._graphed(inputs, targets,
-                                                                    self._carried("train", inputs.size(0)))
-            if self.carry_state:
-                self._state["train"] = state
-            result["loss"], result["objective"] = loss, objective
-            return objective
-
-        self.optimizers().step(closure=closure)
-        return result["loss"], result["objective"]
+        loss, objective, self._grad_norm, state = self._graphed(inputs, targets, self._carried("train", inputs.size(0)))
+        if self.carry_state:
+            self._state["train"] = state
+        return loss, objective
 
     def _raise_if_diverged(self) -> None:
         bad_step = int(self._first_bad_step)
@@ -230,29 +346,35 @@ class RecurrentLM(L.LightningModule):
             )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not writes_logs(self._trainer):  # computed only for the steps whose metrics are written
-            return
-        # Before clipping, so the curve shows what the clipping threshold is compared against.
-        if self._grad_norm is not None:  # the graphed step clipped already and kept the norm
-            self.log("train/grad_norm", self._grad_norm.clone())
-        elif grads := [p.grad for p in self.parameters() if p.grad is not None]:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-        self.log("train/lr", optimizer.param_groups[0]["lr"] / self._lr_scale)  # the configured rate
+        """After the gradients are unscaled (16-mixed): log their norm, then clip them, as Lightning's automatic
+        optimization does."""
+        if self._logging:  # computed only for the steps whose metrics are written
+            # Before clipping, so the curve shows what the clipping threshold is compared against.
+            if self._grad_norm is not None:  # the graphed step clipped already and kept the norm
+                self.log("train/grad_norm", self._grad_norm.clone())
+            elif grads := [p.grad for p in self.parameters() if p.grad is not None]:
+                self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+            self.log("train/lr", optimizer.param_groups[0]["lr"] / self._lr_scale)  # the configured rate
+        if not self.cuda_graph:
+            self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
 
     def on_train_end(self) -> None:
         self._raise_if_diverged()
 
     def on_train_epoch_end(self) -> None:
-        # Lightning steps the schedulers only for the steps it runs itself; the graphed step's are stepped
-        # here, at the same point (after the epoch's validation) and on the same metric.
-        scheduler = None if self.automatic_optimization else self.lr_schedulers()
-        if scheduler is None:
+        self._step_schedulers(plateau=True)
+
+    def _step_schedulers(self, plateau: bool) -> None:
+        """Lightning steps no scheduler of manual optimization: they are stepped where its automatic optimization
+        steps them, once per epoch: a plateau scheduler after the epoch's validation, on ``val/loss`` (not while
+        there is none), any other after the epoch's last step."""
+        scheduler = self.lr_schedulers()
+        if scheduler is None or isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) != plateau:
             return
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            if (metric := self.trainer.callback_metrics.get("val/loss")) is not None:
-                scheduler.step(metric)
-        else:
+        if not plateau:
             scheduler.step()
+        elif (metric := self.trainer.callback_metrics.get("val/loss")) is not None:
+            scheduler.step(metric)
 
     def on_validation_epoch_start(self) -> None:
         self._raise_if_diverged()  # never validate, and so checkpoint, weights that diverged
@@ -324,14 +446,7 @@ class RecurrentLM(L.LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        if not self.automatic_optimization:  # stepped by on_train_epoch_end, which reads val/loss itself
-            return {"optimizer": optimizer, "lr_scheduler": scheduler}
-        return {
-            "optimizer": optimizer,
-            # strict=False: a run that stops before its first validation has no val/loss yet.
-            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch", "strict": False},
-        }
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}  # see _step_schedulers
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -348,18 +463,6 @@ class RecurrentLM(L.LightningModule):
 
     def _configured_lr(self) -> float | None:
         return getattr(self.optimizer_factory, "keywords", {}).get("lr")
-
-    def on_train_start(self) -> None:
-        self._device_step = None  # counted on from the (restored) global step
-        # Restored (on_load_checkpoint) before Lightning moved the module, and in the saving run's dtype.
-        dtype = self.net.dtype
-        self._state["train"] = map_state(self._state["train"], lambda s: s.to(self.device, dtype))
-        # The restored optimizer state holds the learning rate the run had reached; a resume that asks
-        # for another one (e.g. lower, after a divergence) gets it.
-        if self._new_lr and self._configured_lr() is not None:
-            for optimizer in self.trainer.optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = self._configured_lr()
 
     def _gather(self, tensor: Tensor) -> Tensor:
         """(world_size, ...) from every process's ``tensor``."""

@@ -36,7 +36,8 @@ MAY_CHANGE = (
     "trainer.limit_test_batches", "trainer.num_sanity_val_steps", "trainer.log_every_n_steps",
     "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm", "trainer.accelerator", "trainer.precision",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir",
-    "trainer.detect_anomaly", "trainer.benchmark", "trainer.profiler", "model.cuda_graph", "model.compile",
+    "trainer.detect_anomaly", "trainer.benchmark", "trainer.profiler", "trainer.chunks_per_call", "model.cuda_graph",
+    "model.compile",
 )
 PRESETS = ("experiment", "debug", "hparams_search")  # groups whose choice may set any key
 _ABSENT = object()

@@ -371,6 +371,7 @@ def _train_settings() -> dict[str, Setting]:
         "trainer.limit_test_batches": _count_or_fraction(0, zero_fraction=True, null=True),
         "trainer.num_sanity_val_steps": integer(-1, null=True),
         "trainer.accumulate_grad_batches": integer(1),
+        "trainer.chunks_per_call": integer(1),
         "trainer.gradient_clip_val": Setting("a number >= 0 (0 or null: no clipping)",
                                              lambda v: _is_number(v) and v >= 0, null=True),
         "trainer.gradient_clip_algorithm": one_of("norm", "value"),

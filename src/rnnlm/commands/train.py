@@ -182,6 +182,11 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
         carry_state=datamodule.carries_state and cfg.task == "lm",
         answer_accuracy=cfg.data.get("scored") == "last",
         nominal_seq_len=cfg.data.seq_len if cfg.data.get("variable_seq_len") else None,
+        # how the steps run: the module runs them itself (Lightning's manual optimization)
+        chunks_per_call=cfg.trainer.chunks_per_call,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        gradient_clip_algorithm=cfg.trainer.gradient_clip_algorithm,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,  # `scheduler=null` drops it
     )
@@ -198,13 +203,8 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
     callbacks += [RandomStreams(), ValidateFinalWeights()]  # how rnnlm trains, whatever callbacks the config lists
     callbacks += [SaveRunConfig(OmegaConf.to_container(_without_hydra(cfg), resolve=False)), *extra_callbacks]
     loggers = [instantiate(lg) for lg in cfg.logger.values()]
-    trainer_args = {}
-    if cfg.model.get("cuda_graph"):  # the graphed step clips inside its graph (Lightning clips only its own steps)
-        model.gradient_clip_val, model.gradient_clip_algorithm = (cfg.trainer.gradient_clip_val,
-                                                                  cfg.trainer.gradient_clip_algorithm)
-        trainer_args["gradient_clip_val"] = None
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
-                          **trainer_args)
+    trainer = instantiate(lightning_trainer(cfg.trainer), callbacks=callbacks, logger=loggers,
+                          plugins=[AtomicCheckpointIO()])
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     run_checkpoints = next((c for c in callbacks if isinstance(c, RunCheckpoints)), None)
     if run_checkpoints is not None and run_checkpoints.stop_signal is not None:  # it came during the last validation
@@ -227,6 +227,19 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
     log.info("Final: %s%s", " | ".join(f"{k} {metrics[k]:.4f}" for k in shown), columns)
     log.info("Run folder: %s", cfg.paths.output_dir)
     return metrics
+
+
+# trainer.* settings that the module applies itself (its steps are manual, which Lightning refuses them with)
+MODULE_TRAINER_SETTINGS = ("chunks_per_call", "gradient_clip_val", "accumulate_grad_batches")
+
+
+def lightning_trainer(trainer: DictConfig) -> DictConfig:
+    """The ``trainer`` group as Lightning's ``Trainer`` takes it: without what the module applies itself."""
+    trainer = trainer.copy()
+    with open_dict(trainer):
+        for key in MODULE_TRAINER_SETTINGS:
+            trainer.pop(key, None)
+    return trainer
 
 
 def _without_hydra(cfg: DictConfig) -> DictConfig:
