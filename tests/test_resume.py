@@ -209,7 +209,7 @@ def test_a_checkpoint_of_the_previous_format_still_evaluates_and_resumes(make_cf
     old = tmp_path / "old" / "checkpoints" / "last.ckpt"
     old.parent.mkdir(parents=True)
     torch.save(data, old)
-    module = RecurrentLM.from_loaded(load_checkpoint(old))  # what eval.py evaluates
+    module = RecurrentLM.from_loaded(load_checkpoint(old))  # the module around a checkpoint's network
     assert module.best_val_loss == math.inf and module.net.config.hidden_size == 32
     metrics = train(make_cfg(f"data.path={tiny_corpus}", "test=false", "trainer.max_steps=5", f"ckpt_path={old}",
                              run_dir=tmp_path / "b"))
