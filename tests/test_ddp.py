@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from helpers import REPO
+from rnnlm.batches import EvaluationStream
 from rnnlm.checkpoint import load_checkpoint
-from rnnlm.datamodule import EvaluationStream, TextDataModule
+from rnnlm.datamodule import TextDataModule
 from rnnlm.loss import sequence_loss
 
 
