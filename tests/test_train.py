@@ -240,3 +240,14 @@ def test_the_progress_line_counts_down_a_time_budget(make_cfg, tiny_corpus, capl
     etas = [line.split("ETA ")[1] for line in caplog.messages if "ETA " in line]
     # the epochs alone would take far longer than the 10 minutes that stop the run
     assert etas and all("0:09:" in eta or "0:10:00" in eta for eta in etas), caplog.messages
+
+
+@pytest.mark.parametrize("overrides, fused", [(["optimizer=adamw"], True), (["optimizer=adam"], True),
+                                              (["optimizer=sgd"], True), (["optimizer=ntasgd"], None),
+                                              (["optimizer=adam", "+optimizer.foreach=true"], None),
+                                              (["optimizer=sgd", "+optimizer.fused=false"], False)])
+def test_optimizers_take_torchs_fused_update_unless_the_config_chose(make_cfg, tiny_corpus, overrides, fused):
+    cfg = make_cfg(f"data.path={tiny_corpus}", "trainer.max_steps=3", "test=false", *overrides)
+    train(cfg)
+    checkpoint = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["optimizer_states"][0]["param_groups"][0].get("fused") is fused

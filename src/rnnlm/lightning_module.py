@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import lightning as L
 import torch
@@ -44,6 +44,22 @@ def writes_logs(trainer: L.Trainer | None, steps_ahead: int = 0) -> bool:
         return True
     # Lightning writes at the last step too (through should_stop, which is set after the step's hooks have run)
     return connector.should_update_logs or 0 < trainer.max_steps <= trainer.global_step + steps_ahead
+
+
+# torch's single-kernel updates: without one, a CPU runs these optimizers as a Python loop over the parameters
+# (0.4-0.7 ms a step for a small LSTM, against 0.1 fused)
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_update(factory: Callable, parameters: Iterable[Tensor]) -> dict:
+    """``{"fused": True}`` for an optimizer that has a fused update on the parameters' devices, unless the config
+    chose an implementation itself (``+optimizer.fused=false``, ``+optimizer.foreach=true``)."""
+    chosen = getattr(factory, "keywords", {})
+    if (getattr(factory, "func", None) in FUSED_OPTIMIZERS and not {"fused", "foreach"} & chosen.keys()
+            and all(p.device.type in FUSED_DEVICES for p in parameters)):
+        return {"fused": True}
+    return {}
 
 
 class RecurrentLM(L.LightningModule):
@@ -443,7 +459,7 @@ class RecurrentLM(L.LightningModule):
 
     # ---------------------------------------------------------------- optimization
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory(self.parameters(), **fused_update(self.optimizer_factory, self.parameters()))
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}  # see _step_schedulers
