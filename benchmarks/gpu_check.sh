@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for a GPU user: the environment, training speed against the plain loop raw_lm.py (with
-# and without a CUDA graph), fp32 against bf16-mixed, eval and greedy generation CPU = GPU, generation
-# speed, the GPU tests (AWD-LSTM's weight drop and the minGRU scan among them) and the parallel scan's
-# training speed against cuDNN's GRU and LSTM, in one log. About 5 minutes on one NVIDIA H100.
+# and without a CUDA graph, at the default trainer.chunks_per_call and at one chunk per call), fp32 against
+# bf16-mixed, eval and greedy generation CPU = GPU, generation speed, the GPU tests (AWD-LSTM's weight drop
+# and the minGRU scan among them) and the parallel scan's training speed against cuDNN's GRU and LSTM, in
+# one log. About 5 minutes on one NVIDIA H100 (measured before the rows at one chunk per call came).
 #
 #   benchmarks/gpu_check.sh                        # on a machine with an NVIDIA GPU
 #   benchmarks/gpu_check.sh --cpu-dry-run          # every section on the CPU, tiny sizes (tests the plumbing)
@@ -38,7 +39,7 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 case "${1:-}" in
   "") ;;
   --cpu-dry-run) DEVICE=cpu ;;
-  -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+  -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
   *) echo "error: unknown argument $1: use --cpu-dry-run, or nothing"; exit 2 ;;
 esac
 if [[ $DEVICE != cuda && $DEVICE != cpu ]]; then
@@ -53,8 +54,8 @@ export RNNLM_CACHE_DIR=${RNNLM_CACHE_DIR:-$PWD/.cache}  # the project's default:
 RAW_LM=${RAW_LM:-../shared/bench/raw_lm.py}
 SKIP=77  # a section's exit status for "skipped"
 
-# Sizes. The GPU run: 3 PTB word LSTMs (SGD lr 20, clip 0.25), 2 alternating rounds of
-# raw_lm / rnnlm / rnnlm with a CUDA graph. The dry run: tiny stand-ins of the same shapes, 1 round.
+# Sizes. The GPU run: 3 PTB word LSTMs (SGD lr 20, clip 0.25), 2 alternating rounds of raw_lm / rnnlm /
+# rnnlm with a CUDA graph / both again at one chunk per Lightning call. The dry run: tiny stand-ins of the same shapes, 1 round.
 if [[ $DEVICE == cuda ]]; then
   ACCELERATOR=gpu
   SPEED_ROUNDS=2
@@ -228,6 +229,7 @@ speed_table() {
     printf '\n--- %s\n' "$name"
     run "speed_$name" "$PYTHON" benchmarks/train_speed.py --device "$DEVICE" --raw "$RAW_LM" \
       --data-dir "$RNNLM_DATA_DIR" "${flags[@]}" --rounds "$SPEED_ROUNDS" --variant model.cuda_graph=true \
+      --variant trainer.chunks_per_call=1 --variant "trainer.chunks_per_call=1 model.cuda_graph=true" \
       "${REFUSALS_OK[@]}" --cache-dir "$RNNLM_CACHE_DIR" --out "$OUT/speed/$name" --json "$OUT/speed/$name.json" || rc=1
     jsons+=("$OUT/speed/$name.json")
   done
@@ -309,7 +311,7 @@ main() {
   check_packages || exit 2
   if [[ $DEVICE == cuda ]]; then check_gpu || exit 2; fi
   section "1. Environment" environment
-  section "2. Training speed: rnnlm against raw_lm.py, with and without a CUDA graph" speed_table
+  section "2. Training speed: rnnlm against raw_lm.py, with and without a CUDA graph, 16 and 1 chunks per call" speed_table
   section "3. fp32 against bf16-mixed: speed and final training loss" precision
   section "4. Eval: the same loss on the CPU and on $DEVICE" eval_cpu_gpu
   section "5. Greedy generation: the same tokens on the CPU and on $DEVICE" greedy_cpu_gpu
