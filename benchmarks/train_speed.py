@@ -60,14 +60,17 @@ LAST_LOSSES = 50  # the final training loss is the mean of this many last steps 
 
 class StepTimer(L.Callback):
     """Tokens/s of each call of the training step (``trainer.chunks_per_call`` chunks or fewer, each an optimizer
-    step), from batch start to batch end, and of the whole run; the step losses.
+    step), from batch start to batch end, and of the whole run from the first call that starts after ``warmup``
+    steps; the step losses.
 
     On a GPU, steps are timed with CUDA events read once at the end, so timing never makes the host wait;
     the run's wall clock then goes from the first step's start to the moment the GPU finished the last.
     """
 
-    def __init__(self, cuda: bool = False):
+    def __init__(self, warmup: int, cuda: bool = False):
+        self.warmup = warmup
         self.cuda = cuda
+        self._counting = False
         self._rates: list[float] = []
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
         self.tokens = 0
@@ -80,6 +83,10 @@ class StepTimer(L.Callback):
         self.graph_replays: int | None = None  # with model.cuda_graph=true: the steps replayed from the graph
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # a call that starts inside the warm-up counts for nothing (with several steps per call it may end after it)
+        self._counting = trainer.global_step >= self.warmup
+        if not self._counting:
+            return
         self._t0 = time.perf_counter()
         self.first_start = self.first_start or self._t0
         if self.cuda:
@@ -87,6 +94,11 @@ class StepTimer(L.Callback):
             self._start_event.record()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.extend(outputs["losses"].float().unbind())  # copies: a captured graph reuses its outputs
+        del self.losses[:-LAST_LOSSES]
+        self.steps += len(outputs["chunks"])
+        if not self._counting:
+            return
         tokens = sum(targets.numel() for _, targets in outputs["chunks"])
         self.last_end = time.perf_counter()
         if self.cuda:
@@ -96,9 +108,6 @@ class StepTimer(L.Callback):
         else:
             self._rates.append(tokens / (self.last_end - self._t0))
         self.tokens += tokens
-        self.steps += len(outputs["chunks"])
-        self.losses.extend(outputs["losses"].float().unbind())  # copies: a captured graph reuses its outputs
-        del self.losses[:-LAST_LOSSES]
 
     def on_train_end(self, trainer, pl_module):
         graphed = getattr(pl_module, "_graphed", None)  # rnnlm.cuda_graph.GraphedStep, when the module has one
@@ -228,13 +237,15 @@ def run_rnnlm(args, out_dir: Path, extra: list[str]) -> tuple[float, float, floa
     with a CUDA graph, how many steps were replayed from it ("replays/steps")."""
     cfg = compose_rnnlm(args, extra)
     cfg.paths.output_dir = str(out_dir / "run")
-    timer = StepTimer(cuda=args.device == "cuda")
+    timer = StepTimer(args.warmup, cuda=args.device == "cuda")
     try:
         train(cfg, extra_callbacks=[timer])
     finally:
         shutil.rmtree(out_dir / "run" / "checkpoints", ignore_errors=True)  # up to 0.3 GB each; not measured
     replays = None if timer.graph_replays is None else f"{timer.graph_replays}/{timer.steps}"
-    return statistics.median(timer.rates[args.warmup:]), timer.wall_rate(), timer.final_loss(), replays
+    if not timer.rates:
+        raise RuntimeError(f"no training step after the {args.warmup} warm-up steps: raise --steps")
+    return statistics.median(timer.rates), timer.wall_rate(), timer.final_loss(), replays
 
 
 def one_line(err: BaseException) -> str:
