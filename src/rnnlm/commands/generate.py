@@ -82,9 +82,12 @@ def _hydra_main(cfg: DictConfig) -> None:
         write_atomically(output, text + "\n", elsewhere="output=FILE")
 
 
+FREE_TEXT = {"text_keys": ("prompt",)}  # settings whose values are the user's text, quoted for Hydra
+
+
 def main() -> None:
     """Console entry point: ``rnnlm-generate [overrides]``."""
-    sys.argv[1:] = quote_free_text(sys.argv[1:], text_keys=("prompt",))
+    sys.argv[1:] = quote_free_text(sys.argv[1:], **FREE_TEXT)
     if run_command(_hydra_main, "generate", compose_once=True):
         end_program(main)
 

@@ -65,9 +65,12 @@ def _print_unknown(candidates: list[str], why: str) -> None:
         print(f"{why}, not ranked: {', '.join(candidates)}")
 
 
+FREE_TEXT = {"text_keys": ("text", "blank"), "list_keys": ("candidates",)}  # the user's text, quoted for Hydra
+
+
 def main() -> None:
     """Console entry point: ``rnnlm-score [overrides]``."""
-    sys.argv[1:] = quote_free_text(sys.argv[1:], text_keys=("text", "blank"), list_keys=("candidates",))
+    sys.argv[1:] = quote_free_text(sys.argv[1:], **FREE_TEXT)
     if run_command(_hydra_main, "score", compose_once=True):
         end_program(main)
 
