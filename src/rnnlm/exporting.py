@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import logging
 import warnings
@@ -280,14 +281,17 @@ def _root_cause(err: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The exporter's progress lines, its notes on torchvision's operators and its deprecation warnings, left out of
-    a command's output."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    """The exporter's progress lines, notes (torchvision's operators), warnings and, when it fails, graph dumps, left
+    out of a command's output: the error it raises says what went wrong (:func:`_root_cause`)."""
+    names = ["torch", "onnxscript", "onnx_ir", *(name for name in logging.root.manager.loggerDict
+                                                 if name.partition(".")[0] in ("torch", "onnxscript", "onnx_ir"))]
+    loggers = [logging.getLogger(name) for name in dict.fromkeys(names)]
     levels = [logger.level for logger in loggers]
     try:
         for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
+            logger.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
