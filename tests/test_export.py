@@ -191,6 +191,21 @@ def test_a_cell_that_cannot_be_traced_is_refused_in_one_line():
     assert "\n" not in str(refused.value) and str(refused.value).endswith("format=safetensors exports its weights")
 
 
+class OnesStart(Branchy):
+    """A user's cell that starts a text from ones, which a program given the ONNX file would not know."""
+
+    def zero_state(self, batch, like):
+        return (like.new_ones(batch, self.hidden_size),)
+
+
+def test_a_cell_that_starts_from_another_state_than_zeros_is_refused():
+    from rnnlm.exporting import export_problem
+
+    net = LanguageModel(NetworkConfig(len(WORDS), f"{__name__}:OnesStart", 8, 12, 1, 0.0))
+    assert "starts a text from a state other than zeros" in export_problem(net, "onnx", "x.ckpt")
+    assert export_problem(net, "safetensors", "x.ckpt") is None
+
+
 def _run(*code_or_args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HYDRA_FULL_ERROR": "", "PYTHONPATH": str(REPO / "src")}
     return subprocess.Popen([sys.executable, *code_or_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -66,6 +66,9 @@ def export_problem(net: LanguageModel, format_name: str, source: str) -> str | N
     if format_name == "onnx" and net.bidirectional:
         return (f"{source} is a bidirectional model: it predicts each token from both sides, so it has no one-step "
                 "function to export as ONNX; format=safetensors exports its weights")
+    if format_name == "onnx" and any(t.any() for t in _flat(net.backbone.zero_state(1, torch.zeros(1)))):
+        return (f"model.cell={net.config.cell} starts a text from a state other than zeros (its zero_state), which "
+                "the ONNX file's users could not know: format=safetensors exports its weights")
     if format_name == "onnx" and (size := weight_bytes(net)) > ONNX_MAX_BYTES:
         return (f"{source} has {size / 2**30:.1f} GiB of weights, more than one ONNX file holds (2 GiB): use "
                 "format=safetensors")
@@ -163,6 +166,11 @@ def onnx_bytes(net: LanguageModel, description: dict) -> bytes:
     model.doc_string = ("rnnlm one-step language model: tokens and state in, log_probs and next state out; the "
                         f"'{METADATA_KEY}' metadata (JSON) names them and holds the vocabulary")
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(description)})
+    try:
+        onnx.checker.check_model(model, full_check=True)  # the standard's rules, and its shapes inferred
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise ExportError(f"the exported model of model.cell={net.config.cell} is not valid ONNX "
+                          f"({_root_cause(err)}): please report it") from None
     data = model.SerializeToString()
     check_onnx(data, net)
     return data
