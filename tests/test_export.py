@@ -56,15 +56,20 @@ def _torch_log_probs(net: LanguageModel, ids: list[int]) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_onnx_greedy_generation_gives_the_tokens_of_rnnlm_generate(cell, train_tiny, tmp_path):
-    ckpt = train_tiny(f"model={cell}", *TRAINED) / "checkpoints" / "last.ckpt"
+# every built-in cell, in its default (fused) form, on characters; and a word model with the adaptive softmax
+RUNS = {**{cell: (f"model={cell}",) for cell in CELLS},
+        "lstm-word-adaptive": ("model=lstm", "data=word", "model.softmax=adaptive", "model.adaptive_cutoffs=[8,16]")}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_onnx_greedy_generation_gives_the_tokens_of_rnnlm_generate(run, train_tiny, tmp_path):
+    ckpt = train_tiny(*RUNS[run], *TRAINED) / "checkpoints" / "last.ckpt"
     path, description = _export(ckpt, f"output={tmp_path / 'model.onnx'}")
     session, meta = onnx_generate.load(str(path))
     assert meta == json.loads(json.dumps(description))  # the file describes itself: names, shapes, vocabulary
     assert [i.name for i in session.get_inputs()] == [i["name"] for i in meta["inputs"]]
     assert [o.name for o in session.get_outputs()] == [o["name"] for o in meta["outputs"]]
-    assert len(meta["inputs"]) == 1 + 2 * (2 if cell == "lstm" else 1)  # tokens, and h (and c) of two layers
+    assert len(meta["inputs"]) == 1 + 2 * (2 if "model=lstm" in RUNS[run] else 1)  # tokens, h (and c) of 2 layers
 
     # the text rnnlm-generate greedy=true prints, from the exported file with onnxruntime and numpy alone
     generate = _config("generate", f"ckpt_path={ckpt}", "greedy=true", f"max_new_tokens={NEW_TOKENS}", "device=cpu")
@@ -79,7 +84,7 @@ def test_onnx_greedy_generation_gives_the_tokens_of_rnnlm_generate(cell, train_t
     assert got == expected
     reference = _torch_log_probs(loaded.net, ids + expected[:-1])[len(ids) - 1:]
     for step, (value, want) in enumerate(zip(log_probs, reference, strict=True)):
-        assert torch.allclose(torch.from_numpy(value), want, atol=ATOL, rtol=ATOL), (cell, step)
+        assert torch.allclose(torch.from_numpy(value), want, atol=ATOL, rtol=ATOL), (run, step)
 
 
 WORDS = Vocab("word", ["<unk>", "<eos>", *(f"w{i}" for i in range(58))])  # 60 ids, frequency order assumed

@@ -97,6 +97,8 @@ def describe(net: LanguageModel, vocab: Vocab, global_step: int | None, format_n
     }
     if format_name == "onnx":
         description["inputs"], description["outputs"] = signature(net)
+    else:  # the names of the weights stored once for several (safetensors_bytes)
+        description["tied"] = _unique(net.state_dict())[1]
     return description
 
 
@@ -208,14 +210,14 @@ def check_onnx(data: bytes, net: LanguageModel, steps: int = 4, batch: int = 3, 
 
 
 def safetensors_bytes(net: LanguageModel, description: dict) -> bytes:
-    """The network's weights (its ``state_dict``, contiguous, on the CPU) as a safetensors file, ``description`` in
-    its metadata. A tensor that is another's (the decoder tied to the embedding) is stored once, under its first
-    name; ``description["tied"]`` maps each other name to it."""
+    """The network's weights (its ``state_dict``, contiguous, on the CPU) as a safetensors file, ``description``
+    (:func:`describe`) in its metadata. A tensor that is another's (the decoder tied to the embedding) is stored once,
+    under its first name; ``description["tied"]`` maps each other name to it."""
     from safetensors.torch import save
 
-    weights, tied = _unique(net.state_dict())
+    weights, _ = _unique(net.state_dict())
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
-    return save(tensors, metadata={METADATA_KEY: json.dumps({**description, "tied": tied})})
+    return save(tensors, metadata={METADATA_KEY: json.dumps(description)})
 
 
 @dataclass
