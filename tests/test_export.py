@@ -211,6 +211,34 @@ def test_a_cell_that_starts_from_another_state_than_zeros_is_refused():
     assert export_problem(net, "safetensors", "x.ckpt") is None
 
 
+def test_mistakes_are_refused_in_one_line_before_any_file_is_written(train_tiny, tmp_path, monkeypatch):
+    from rnnlm.commands.cli import check_command_line
+    from rnnlm.errors import UserError
+
+    ckpt = train_tiny("model=lstm", *TRAINED) / "checkpoints" / "last.ckpt"
+    beside = sorted(ckpt.parent.iterdir())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken.onnx").write_text("mine")
+    cases = {  # arguments: what the one line says
+        (f"ckpt_path={tmp_path / 'missing.ckpt'}",): "does not exist",
+        (f"ckpt_path={ckpt}", "format=tflite"): "format=tflite must be one of onnx|safetensors",
+        (f"ckpt_path={ckpt}", "output=/proc/rnnlm.onnx"): "output=/proc/rnnlm.onnx",  # root may write anywhere else
+        (f"ckpt_path={ckpt}", "output=taken.onnx"): "output=taken.onnx already exists",
+        (f"ckpt_path={ckpt}", "output=model.ckpt"): "is a checkpoint's name or file",
+        (f"ckpt_path={ckpt}", "output=x.safetensors"): "is named as a safetensors file, and format=onnx",
+        (f"ckpt_path={ckpt}", "output=no/such/folder/m.onnx"): "the folder no/such/folder does not exist",
+        (f"ckpt_path={ckpt}", "+opset=17"): "opset is not a setting of rnnlm-export",
+    }
+    for args, message in cases.items():
+        with pytest.raises(UserError) as refused:
+            check_command_line("export", list(args))  # what the command checks first, then what it does
+            export_model(_config("export", *args))
+        assert message in str(refused.value) and "\n" not in str(refused.value), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.onnx"] and (tmp_path / "taken.onnx").read_text() \
+        == "mine"
+    assert sorted(ckpt.parent.iterdir()) == beside
+
+
 def _run(*code_or_args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HYDRA_FULL_ERROR": "", "PYTHONPATH": str(REPO / "src")}
     return subprocess.Popen([sys.executable, *code_or_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -220,37 +248,28 @@ def _run(*code_or_args: str, cwd: Path) -> subprocess.Popen:
 WITHOUT = "import sys; sys.modules.update(dict.fromkeys(['onnx', 'onnxscript', 'onnxruntime', 'safetensors']));"
 
 
-def test_the_command_line_refuses_in_one_line_and_leaves_no_file(train_tiny, tmp_path):
+def test_the_command_line_exits_2_with_one_line_and_leaves_no_file(train_tiny, tmp_path):
+    """As a user runs it: a bidirectional model, a bad value, and the export extra not installed (rnnlm still
+    imports, and the command names what to install)."""
     ckpt = train_tiny("model=lstm", *TRAINED) / "checkpoints" / "last.ckpt"
     bilm = train_tiny("task=bilm", "model.bidirectional=true") / "checkpoints" / "last.ckpt"
     beside = {folder: sorted(folder.iterdir()) for folder in (ckpt.parent, bilm.parent)}
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "taken.onnx").write_text("mine")
     script = str(REPO / "src" / "export.py")
-    cases = {  # arguments: what the one line says
-        (f"ckpt_path={bilm}", "output=bilm.onnx"): "is a bidirectional model",
-        (f"ckpt_path={work / 'missing.ckpt'}",): "does not exist",
-        (f"ckpt_path={ckpt}", "format=tflite"): "format=tflite must be one of onnx|safetensors",
-        (f"ckpt_path={ckpt}", "output=/proc/rnnlm.onnx"): "output=/proc/rnnlm.onnx",  # root may write anywhere else
-        (f"ckpt_path={ckpt}", "output=taken.onnx"): "output=taken.onnx already exists",
-        (f"ckpt_path={ckpt}", "output=model.ckpt"): "is a checkpoint's name or file",
-        (f"ckpt_path={ckpt}", "output=x.safetensors"): "is named as a safetensors file, and format=onnx",
-        (f"ckpt_path={ckpt}", "+opset=17"): "opset is not a setting of rnnlm-export",
+    runs = {  # at once: each spends seconds importing torch
+        "is a bidirectional model: it predicts each token from both sides": _run(script, f"ckpt_path={bilm}",
+                                                                                 cwd=tmp_path),
+        "format=tflite must be one of onnx|safetensors": _run(script, f"ckpt_path={ckpt}", "format=tflite",
+                                                               cwd=tmp_path),
+        "format=onnx needs onnx, onnxscript, onnxruntime, which are not installed: pip install 'rnnlm[export]'": _run(
+            "-c", f"{WITHOUT} sys.argv = ['rnnlm-export', 'ckpt_path={ckpt}', 'output=m.onnx']; "
+            "import rnnlm.commands.export, rnnlm.exporting; rnnlm.commands.export.main()", cwd=tmp_path),
     }
-    runs = {args: _run(script, *args, cwd=work) for args in cases}  # at once: each spends seconds importing torch
-    # without the extra installed: rnnlm imports, and the command names what to install
-    missing = _run("-c", f"{WITHOUT} sys.argv = ['rnnlm-export', 'ckpt_path={ckpt}', 'output=m.onnx']; "
-                   "import rnnlm.commands.export, rnnlm.exporting; rnnlm.commands.export.main()", cwd=work)
-    cases[("without the extra",)] = "format=onnx needs onnx, onnxscript, onnxruntime, which are not installed: " \
-                                    "pip install 'rnnlm[export]'"
-    runs[("without the extra",)] = missing
-    for args, run in runs.items():
+    for message, run in runs.items():
         stdout, stderr = run.communicate(timeout=300)
-        assert run.returncode == 2, (args, stderr[-3000:])
-        assert stderr.count("\n") == 1 and stderr.startswith("error: ") and cases[args] in stderr, (args, stderr)
-        assert stdout == "", args
-    assert sorted(p.name for p in work.iterdir()) == ["taken.onnx"] and (work / "taken.onnx").read_text() == "mine"
+        assert run.returncode == 2, (message, stderr[-3000:])
+        assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr, stderr
+        assert stdout == "", message
+    assert list(tmp_path.iterdir()) == []
     assert {folder: sorted(folder.iterdir()) for folder in beside} == beside
 
 
@@ -258,17 +277,15 @@ def test_the_command_line_writes_beside_the_checkpoint(train_tiny, tmp_path):
     run = train_tiny("model=gru", *TRAINED)
     ckpt = tmp_path / "last.ckpt"
     ckpt.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
-    script = str(REPO / "src" / "export.py")
-    runs = {name: _run(script, f"ckpt_path={ckpt}", *extra, cwd=tmp_path)
-            for name, extra in (("last.onnx", []), ("last.safetensors", ["format=safetensors"]))}
-    printed = {}
-    for name, process in runs.items():
-        printed[name], stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr[-3000:]
-        assert printed[name].startswith(f"{tmp_path / name} (") and stderr == ""
+    result = _run(str(REPO / "src" / "export.py"), f"ckpt_path={ckpt}", cwd=tmp_path)
+    path, _ = _export(ckpt, "format=safetensors")  # meanwhile
+    stdout, stderr = result.communicate(timeout=300)
+    assert result.returncode == 0 and stderr == "", stderr[-3000:]
+    assert stdout.startswith(f"{tmp_path / 'last.onnx'} (onnx, ")
     # the ONNX signature, for the program that will run it
-    assert printed["last.onnx"].splitlines()[1].startswith(
+    assert stdout.splitlines()[1].startswith(
         "tokens (batch,), state_l0_h (batch, 32), state_l1_h (batch, 32) -> log_probs (batch, ")
+    assert path == tmp_path / "last.safetensors"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.onnx", "last.safetensors"]
 
 
