@@ -30,7 +30,7 @@ def export_model(cfg: DictConfig) -> tuple[Path, dict]:
         UserError: one line: a setting, a missing package, a checkpoint, an output path, or a model that this format
             cannot hold (:func:`rnnlm.exporting.export_problem`).
     """
-    from rnnlm import exporting  # torch.onnx and the optional packages only once the settings are checked
+    from rnnlm import exporting  # it imports the optional packages only when it writes a file
 
     check_export_config(cfg)
     exporting.require(cfg.format)  # before the checkpoint is read: the missing package is the first thing to fix
