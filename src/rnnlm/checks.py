@@ -271,5 +271,9 @@ def check_generate_config(cfg: DictConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def check_export_config(cfg: DictConfig) -> None:
+    check_settings(cfg, "export")
+
+
 CHECKS = {"train": check_train_config, "eval": check_eval_config, "generate": check_generate_config,
-          "score": check_score_config}
+          "score": check_score_config, "export": check_export_config}

@@ -31,3 +31,11 @@ class DiskFullError(UserError):
     """No space left (or the disk quota used up) where a file was being written; the message names the folder,
     the bytes the file needs and the bytes free. The file it would have replaced is left as it was."""
 
+
+class MissingPackageError(UserError):
+    """An optional package a command needs is not installed; the message names the install command."""
+
+
+class ExportError(UserError):
+    """A model that cannot be written in the format asked for (``rnnlm-export``); the message says why and what can
+    be exported instead."""

@@ -466,8 +466,21 @@ def _score_settings() -> dict[str, Setting]:
     }
 
 
+def _export_settings() -> dict[str, Setting]:
+    from rnnlm.exporting import FORMATS
+
+    return {
+        "ckpt_path": CHECKPOINT_PATH,
+        "format": one_of(*FORMATS),
+        "output": OUTPUT,
+        "overwrite": flag(),
+        **PATHS,
+    }
+
+
 TABLES: dict[str, Callable[[], dict[str, Setting]]] = {
     "train": _train_settings, "eval": _eval_settings, "generate": _generate_settings, "score": _score_settings,
+    "export": _export_settings,
 }
 # Sections that build another library's class from `_target_` (or a user's): a key that is not in the table may
 # still be one of its arguments. rnnlm's own model and data take exactly the keys the table lists.
@@ -478,7 +491,8 @@ OPEN_SECTIONS = ("logger", "callbacks")
 
 @functools.cache
 def settings_table(command: str) -> dict[str, Setting]:
-    """The declared settings of ``command`` (train, eval, generate, score), by key (``*`` stands for any name)."""
+    """The declared settings of ``command`` (train, eval, generate, score, export), by key (``*`` stands for any
+    name)."""
     return TABLES[command]()
 
 

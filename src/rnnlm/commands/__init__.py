@@ -5,6 +5,7 @@
 - ``eval``: a checkpoint's loss (and perplexity or bits per character) on its test split or any text;
 - ``generate``: continue a prompt by sampling from a checkpoint;
 - ``score``: log-probabilities of lines, and ranking of the words that could fill a blank;
+- ``export``: a checkpoint as ONNX (the one-step function, for onnxruntime) or safetensors (the weights);
 - ``report``: a sweep's table and curves, from what its runs logged.
 
 :mod:`rnnlm.commands.cli` holds what they share: a user's mistake ends in one line and exit status 2.
