@@ -92,11 +92,15 @@ def run_command(hydra_main: Callable[[], object], config_name: str, compose_once
     """Run a ``@hydra.main`` function once :func:`check_command_line` has passed its command line.
 
     ``compose_once``: a single run (no ``-m``, no flag but ``--run``) runs on the config the check composed, as
-    ``hydra.main`` would run it (:func:`run_composed`), instead of Hydra composing it twice more.
+    ``hydra.main`` would run it (:func:`run_composed`), instead of Hydra composing it twice more. ``-h``/``--help``
+    prints the command's own help (:func:`print_help`) instead.
 
     Returns:
         whether the command ran so, as one job in this process (after which :func:`end_program` may end it).
     """
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        exit_on_user_error(print_help)(config_name, [a for a in sys.argv[1:] if a not in ("-h", "--help")])
+        return False
     if config_name == "train":  # settings of a resumed checkpoint's own groups (optimizer.nonmono of NT-ASGD)
         from rnnlm.resume import resume_command_line
 
@@ -107,6 +111,19 @@ def run_command(hydra_main: Callable[[], object], config_name: str, compose_once
         return True
     hydra_main()  # a sweep's launcher may leave worker processes that Python's own exit stops
     return False
+
+
+def print_help(config_name: str, argv: list[str]) -> None:
+    """``--help``: the command's own groups and settings, one line each, with their values for the rest of the
+    command line (:func:`rnnlm.reference.command_help`). Hydra's own help would list every group under ``conf/``,
+    the training groups that eval, generate and score refuse included, and print the config without saying what a
+    setting means."""
+    from rnnlm.reference import command_help
+
+    flags = {"-m", "--multirun", "--run", "-r"}
+    if config_name == "train":
+        argv = cell_command_line(argv)
+    print(command_help(config_name, [a for a in argv if a not in flags]))
 
 
 def run_composed(task: Callable[[DictConfig], object], cfg: DictConfig, config_name: str) -> None:
@@ -173,7 +190,7 @@ def check_command_line(config_name: str, argv: list[str]) -> DictConfig | None:
     in several lines, with exit status 1, from inside ``hydra.main`` where no wrapper can reach them); then
     check every value (:func:`job_problems`), so that a mistake never leaves a run folder behind.
 
-    ``--help``, ``--info`` and the other flags, and another search path (``--config-dir``, ``--config-path``,
+    ``--help`` (answered before, :func:`print_help`), ``--info`` and the other flags, and another search path (``--config-dir``, ``--config-path``,
     as DDP processes are started with), are left to Hydra.
 
     Returns:
