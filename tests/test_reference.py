@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,9 @@ from rnnlm.reference import (
     read_config_file,
 )
 
-SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+# pyproject.toml's [project.scripts] (tomllib is Python 3.11+, and rnnlm runs on 3.10)
+SCRIPTS = re.findall(r"^(rnnlm-\w+) = ", (REPO / "pyproject.toml").read_text().split("[project.scripts]")[1]
+                     .split("\n[")[0], re.M)
 TRAINING_ONLY = ("experiment", "trainer", "_recurrent", "optimizer", "scheduler", "callbacks", "model=", "model.")
 
 

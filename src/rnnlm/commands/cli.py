@@ -190,8 +190,8 @@ def check_command_line(config_name: str, argv: list[str]) -> DictConfig | None:
     in several lines, with exit status 1, from inside ``hydra.main`` where no wrapper can reach them); then
     check every value (:func:`job_problems`), so that a mistake never leaves a run folder behind.
 
-    ``--help`` (answered before, :func:`print_help`), ``--info`` and the other flags, and another search path (``--config-dir``, ``--config-path``,
-    as DDP processes are started with), are left to Hydra.
+    ``--info`` and Hydra's other flags, and another search path (``--config-dir``, ``--config-path``, as DDP
+    processes are started with), are left to Hydra (``--help`` is answered before: :func:`print_help`).
 
     Returns:
         the composed config, with its ``hydra`` node, of a single run of ``config_name`` (no ``-m`` and no flag but
