@@ -79,9 +79,10 @@ def test_each_help_lists_its_own_settings_one_line_each(command):
 
 
 def test_help_shows_the_settings_of_the_choices_on_the_command_line():
-    result = _help("train", "model=gru", "optimizer=sgd", "trainer.max_steps=30")
+    result = _help("train", "model=gru", "optimizer=sgd", "scheduler=none", "trainer.max_steps=30")
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^  model=gru ", result.stdout, re.M)
+    assert re.search(r"^  scheduler=null +how the learning rate changes", result.stdout, re.M)
     assert re.search(r"^  model\.reset_after=true +false: the original reset-before GRU", result.stdout, re.M)
     assert re.search(r"^  optimizer\.momentum=0\.0 +momentum factor", result.stdout, re.M)
     assert re.search(r"^  trainer\.max_steps=30 ", result.stdout, re.M)

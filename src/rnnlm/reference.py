@@ -146,13 +146,15 @@ def _chain(group: str, choice: str) -> Iterator[ConfigFile]:
 
 def describe(key: str, command: str, chosen: dict[str, str]) -> str:
     """The comment that describes ``key`` of ``command``'s config, with ``chosen``: group -> choice (the key's
-    group's choice first, the files it builds on next, then ``conf/<command>.yaml``); empty if there is none."""
+    group's choice first, the files it builds on next, then ``conf/<command>.yaml``, where a group's own comment
+    describes the group's key); empty if there is none."""
     group, _, rest = key.partition(".")
     if rest and group in chosen:
         for doc in _chain(group, chosen[group]):
             if (text := doc.comments.get(key if doc.global_package else rest)) is not None:
                 return text
-    return config_file(None, command).comments.get(key, "")
+    own = config_file(None, command)
+    return own.comments.get(key) or own.group_comments.get(key, "")  # a group set to null: scheduler=none
 
 
 # ---------------------------------------------------------------- composed configs
