@@ -255,13 +255,10 @@ def _code(value: Any) -> str:
 
 
 def _accepts(key: str, command: str) -> str:
-    from rnnlm.schema import _pattern, settings_table
+    from rnnlm.schema import declared
 
-    table = settings_table(command)
-    pattern = _pattern(key, table)
-    if pattern is None:
+    if (setting := declared(key, command)) is None:
         return ""
-    setting = table[pattern]
     return _cell(setting.expects + (" (or null)" if setting.null and "null" not in setting.expects else ""))
 
 
@@ -293,8 +290,8 @@ def _group_section(group: str) -> list[str]:
         for name in names:
             target = built[name].get("_target_") if isinstance(built[name], dict) else None
             targets = {v for k, v in leaves(built[name]) if k.endswith("_target_")} if not target else {target}
-            what = files[name].prose or next((d.prose for d in _chain(group, name) if d.prose), "")
-            lines.append(f"| `{group}={name}` | {', '.join(f'`{t}`' for t in sorted(targets))} | {_cell(what)} |")
+            lines.append(f"| `{group}={name}` | {', '.join(f'`{t}`' for t in sorted(targets))} | "
+                         f"{_cell(files[name].prose)} |")
         values: dict[str, dict[str, Any]] = {}
         for name in names:
             for key, value in leaves(built[name], f"{group}.") if isinstance(built[name], dict) else ():
