@@ -36,18 +36,49 @@ from rnnlm.errors import ConfigError, UserError
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
 
 
+# Lightning 2.6 builds torch's LeafSpec in its own pytree helper (lightning.pytorch.utilities._pytree), which torch
+# 2.13 deprecates: a warning about Lightning's code, once a run, that no setting of rnnlm or of the user changes.
+warnings.filterwarnings("ignore", message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
+                        category=FutureWarning, module=re.escape("lightning.pytorch.utilities._pytree"))
+
+
 # The datamodule saves and restores the stream's position itself (TextDataModule.state_dict), so a run
 # resumed mid-epoch continues exactly; Lightning only looks for that on the DataLoader object.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
-class _NoAdverts(logging.Filter):
+# Lightning's log lines that tell a user of rnnlm nothing, dropped by logger and by the start of the message; its
+# other lines, and every warning, still show. rnnlm says instead which checkpoint a run resumes ("Resuming PATH
+# (step N, saved ...)") and tests ("Testing the best checkpoint, PATH (step N, ...), val/loss X"), and the model's
+# size (rnnlm.callbacks.ModelSummary). A GPU that is there but not used still gets Lightning's warning.
+QUIET_LOG_LINES = {
+    # Lightning logs through lightning_utilities under its own name: the fabric's or the trainer's, whichever
+    # was imported last.
+    logger: (
+        "GPU available: ",  # and whether it is used: trainer.accelerator and the device rnnlm logs say it
+        "TPU available: ",
+        "Restoring states from the checkpoint path at ",  # rnnlm's "Resuming ..." and "Testing ..." say which
+        "Restored all states from the checkpoint at ",
+        "Loaded model weights from the checkpoint at ",
+        "💡 Tip",  # adverts for Lightning's cloud services
+    )
+    for logger in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+}
+
+
+class QuietLines(logging.Filter):
+    """Drops the records whose message starts with one of ``starts``."""
+
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡 Tip")
+        return not record.getMessage().startswith(self.starts)
 
 
-for _handler in logging.getLogger("lightning.pytorch").handlers:
-    _handler.addFilter(_NoAdverts())
+for _name, _starts in QUIET_LOG_LINES.items():
+    logging.getLogger(_name).addFilter(QuietLines(_starts))
 
 OmegaConf.register_new_resolver("rnnlm.equal_budget", equal_budget, replace=True)  # experiment=long_range
 LISTED_SWEEPS = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
