@@ -1,6 +1,6 @@
 """Training callbacks: checkpoints that survive interruptions, a resume that continues exactly, validation of
-the final weights, throughput, a progress line per validation, text samples, the run's config and
-hyperparameters in every checkpoint and logger."""
+the final weights, throughput, a progress line per validation, text samples, the model's summary, the run's config
+and hyperparameters in every checkpoint and logger."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, Timer
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -338,6 +339,40 @@ class ProgressBar(RichProgressBar):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._draw_undrawn()
         super().on_train_epoch_end(trainer, pl_module)
+
+
+class ModelSummary(LightningModelSummary):
+    """Before training, in the log (and so in ``train.log``): the parameters and their size, then the model's parts
+    down to ``max_depth`` levels of nesting (0: the totals alone; -1: all), each with its parameters.
+
+    Lightning's own summary also prints a FLOPs column, which counts nothing unless the module declares an example
+    input (rnnlm's cannot: its input is a batch and the carried state), so every entry and the total read 0, and
+    how many modules are in train and eval mode, which says nothing before training starts. Being a
+    :class:`lightning.pytorch.callbacks.ModelSummary`, it stands in for Lightning's default summary.
+    """
+
+    def __init__(self, max_depth: int = 4):
+        super().__init__(max_depth=max_depth)
+        self.max_depth = max_depth
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module) -> None:
+        log.info("\n".join(summary_lines(pl_module, self.max_depth)))
+
+
+def summary_lines(module: torch.nn.Module, max_depth: int) -> list[str]:
+    """``Model: N parameters (M MB)`` and a line per part down to ``max_depth`` (-1: all): name, class, parameters."""
+    parameters = list(module.parameters())
+    size = sum(p.numel() * p.element_size() for p in parameters)
+    lines = [f"Model: {sum(p.numel() for p in parameters):,} parameters ({size / 1e6:,.1f} MB)"]
+    parts = [("  " * name.count(".") + name.rpartition(".")[2], part) for name, part in module.named_modules()
+             if name and (max_depth < 0 or name.count(".") < max_depth)]  # indented by depth
+    width = max((len(shown) for shown, _ in parts), default=0)
+    kinds = max((len(type(part).__name__) for _, part in parts), default=0)
+    for shown, part in parts:
+        count = sum(p.numel() for p in part.parameters())
+        lines.append(f"  {shown.ljust(width)}  {type(part).__name__.ljust(kinds)}  {count:>12,}")
+    return lines
 
 
 class TokensPerSecond(L.Callback):

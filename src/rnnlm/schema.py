@@ -496,6 +496,13 @@ def settings_table(command: str) -> dict[str, Setting]:
     return TABLES[command]()
 
 
+def declared(key: str, command: str) -> Setting | None:
+    """What ``key`` of ``command`` accepts, if the table declares it (itself, or as ``logger.*.save_dir``)."""
+    table = settings_table(command)
+    pattern = _pattern(key, table)
+    return None if pattern is None else table[pattern]
+
+
 def _pattern(key: str, table: Mapping[str, Setting]) -> str | None:
     """The table entry that declares ``key``: itself, or with an open section's name as ``*``."""
     if key in table:

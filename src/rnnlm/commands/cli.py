@@ -36,18 +36,49 @@ from rnnlm.errors import ConfigError, UserError
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
 
 
+# Lightning 2.6 builds torch's LeafSpec in its own pytree helper (lightning.pytorch.utilities._pytree), which torch
+# 2.13 deprecates: a warning about Lightning's code, once a run, that no setting of rnnlm or of the user changes.
+warnings.filterwarnings("ignore", message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
+                        category=FutureWarning, module=re.escape("lightning.pytorch.utilities._pytree"))
+
+
 # The datamodule saves and restores the stream's position itself (TextDataModule.state_dict), so a run
 # resumed mid-epoch continues exactly; Lightning only looks for that on the DataLoader object.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
-class _NoAdverts(logging.Filter):
+# Lightning's log lines that tell a user of rnnlm nothing, dropped by logger and by the start of the message; its
+# other lines, and every warning, still show. rnnlm says instead which checkpoint a run resumes ("Resuming PATH
+# (step N, saved ...)") and tests ("Testing the best checkpoint, PATH (step N, ...), val/loss X"), and the model's
+# size (rnnlm.callbacks.ModelSummary). A GPU that is there but not used still gets Lightning's warning.
+QUIET_LOG_LINES = {
+    # Lightning logs through lightning_utilities under its own name: the fabric's or the trainer's, whichever
+    # was imported last.
+    logger: (
+        "GPU available: ",  # and whether it is used: trainer.accelerator and the device rnnlm logs say it
+        "TPU available: ",
+        "Restoring states from the checkpoint path at ",  # rnnlm's "Resuming ..." and "Testing ..." say which
+        "Restored all states from the checkpoint at ",
+        "Loaded model weights from the checkpoint at ",
+        "💡 Tip",  # adverts for Lightning's cloud services
+    )
+    for logger in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+}
+
+
+class QuietLines(logging.Filter):
+    """Drops the records whose message starts with one of ``starts``."""
+
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡 Tip")
+        return not record.getMessage().startswith(self.starts)
 
 
-for _handler in logging.getLogger("lightning.pytorch").handlers:
-    _handler.addFilter(_NoAdverts())
+for _name, _starts in QUIET_LOG_LINES.items():
+    logging.getLogger(_name).addFilter(QuietLines(_starts))
 
 OmegaConf.register_new_resolver("rnnlm.equal_budget", equal_budget, replace=True)  # experiment=long_range
 LISTED_SWEEPS = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
@@ -92,11 +123,15 @@ def run_command(hydra_main: Callable[[], object], config_name: str, compose_once
     """Run a ``@hydra.main`` function once :func:`check_command_line` has passed its command line.
 
     ``compose_once``: a single run (no ``-m``, no flag but ``--run``) runs on the config the check composed, as
-    ``hydra.main`` would run it (:func:`run_composed`), instead of Hydra composing it twice more.
+    ``hydra.main`` would run it (:func:`run_composed`), instead of Hydra composing it twice more. ``-h``/``--help``
+    prints the command's own help (:func:`print_help`) instead.
 
     Returns:
         whether the command ran so, as one job in this process (after which :func:`end_program` may end it).
     """
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        exit_on_user_error(print_help)(config_name, [a for a in sys.argv[1:] if a not in ("-h", "--help")])
+        return False
     if config_name == "train":  # settings of a resumed checkpoint's own groups (optimizer.nonmono of NT-ASGD)
         from rnnlm.resume import resume_command_line
 
@@ -107,6 +142,19 @@ def run_command(hydra_main: Callable[[], object], config_name: str, compose_once
         return True
     hydra_main()  # a sweep's launcher may leave worker processes that Python's own exit stops
     return False
+
+
+def print_help(config_name: str, argv: list[str]) -> None:
+    """``--help``: the command's own groups and settings, one line each, with their values for the rest of the
+    command line (:func:`rnnlm.reference.command_help`). Hydra's own help would list every group under ``conf/``,
+    the training groups that eval, generate and score refuse included, and print the config without saying what a
+    setting means."""
+    from rnnlm.reference import command_help
+
+    flags = {"-m", "--multirun", "--run", "-r"}
+    if config_name == "train":
+        argv = cell_command_line(argv)
+    print(command_help(config_name, [a for a in argv if a not in flags]))
 
 
 def run_composed(task: Callable[[DictConfig], object], cfg: DictConfig, config_name: str) -> None:
@@ -173,8 +221,8 @@ def check_command_line(config_name: str, argv: list[str]) -> DictConfig | None:
     in several lines, with exit status 1, from inside ``hydra.main`` where no wrapper can reach them); then
     check every value (:func:`job_problems`), so that a mistake never leaves a run folder behind.
 
-    ``--help``, ``--info`` and the other flags, and another search path (``--config-dir``, ``--config-path``,
-    as DDP processes are started with), are left to Hydra.
+    ``--info`` and Hydra's other flags, and another search path (``--config-dir``, ``--config-path``, as DDP
+    processes are started with), are left to Hydra (``--help`` is answered before: :func:`print_help`).
 
     Returns:
         the composed config, with its ``hydra`` node, of a single run of ``config_name`` (no ``-m`` and no flag but

@@ -43,6 +43,10 @@ SUMMARY_FILE = "run_summary.json"  # written by rnnlm.commands.train
 PLAN_FILE = "multirun.yaml"  # written by Hydra into the sweep folder: the sweep's config and overrides
 JOB_NUMBER = "${hydra.job.num}"  # hydra.sweep.subdir when job folders are numbered 0, 1, ... in launch order
 USAGE = "rnnlm-report SWEEP_FOLDER [--output DIR]"
+ARGUMENTS = (  # what --help and docs/configuration.md say of each (rnnlm.reference)
+    ("SWEEP_FOLDER", "a sweep's folder, outputs/train/multiruns/<date>_<time>/, with a job folder per run"),
+    ("--output DIR", "write the report into DIR (made if missing) instead of the sweep folder; also --output=DIR"),
+)
 
 
 class ReportError(UserError):
@@ -585,11 +589,21 @@ def parse_arguments(argv: list[str]) -> tuple[Path, Path | None]:
     return folder, None if output is None else Path(output)
 
 
+def usage() -> str:
+    """What ``--help`` prints: the usage line, each argument on a line of its own, then this module's account of
+    what the report writes."""
+    width = max(len(name) for name, _ in ARGUMENTS)
+    purpose, details = __doc__.split("\n\n", 1)
+    return "\n".join([f"usage: {USAGE}", "", purpose.partition(": ``")[0] + ".", "",
+                      *(f"  {name.ljust(width)}  {text}" for name, text in ARGUMENTS), "",
+                      details.strip().replace("``", "")])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: ``rnnlm-report SWEEP_FOLDER [--output DIR]``."""
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
-        print(f"usage: {USAGE}\n\n{__doc__.split(chr(10) * 2, 1)[1]}")
+        print(usage())
         return
     logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
     try:

@@ -20,12 +20,15 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rnnlm.callbacks import (
     AtomicCheckpointIO,
     HparamsWithBest,
+    ModelSummary,
     RandomStreams,
     RunCheckpoints,
     SaveRunConfig,
@@ -33,7 +36,7 @@ from rnnlm.callbacks import (
     TrainingInterrupted,
     ValidateFinalWeights,
 )
-from rnnlm.checkpoint import CheckpointError, checkpoint_vocab, read_checkpoint
+from rnnlm.checkpoint import CheckpointError, checkpoint_vocab, describe, read_checkpoint
 from rnnlm.checks import check_model_memory, check_train_config
 from rnnlm.commands.cli import CONF_DIR, exit_on_user_error, run_command
 from rnnlm.errors import ConfigError, DiskFullError, UserError
@@ -202,9 +205,13 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [HparamsWithBest(run_hparams(cfg))]
     callbacks += [RandomStreams(), ValidateFinalWeights()]  # how rnnlm trains, whatever callbacks the config lists
     callbacks += [SaveRunConfig(OmegaConf.to_container(_without_hydra(cfg), resolve=False)), *extra_callbacks]
+    if cfg.trainer.enable_model_summary and not any(isinstance(c, LightningModelSummary) for c in callbacks):
+        callbacks.append(ModelSummary())  # ~callbacks.model_summary alone: rnnlm's summary, not Lightning's default
     loggers = [instantiate(lg) for lg in cfg.logger.values()]
     trainer = instantiate(lightning_trainer(cfg.trainer), callbacks=callbacks, logger=loggers,
                           plugins=[AtomicCheckpointIO()])
+    if trainer.is_global_zero:
+        log.info("Training on %s", devices_in_use(trainer))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     run_checkpoints = next((c for c in callbacks if isinstance(c, RunCheckpoints)), None)
     if run_checkpoints is not None and run_checkpoints.stop_signal is not None:  # it came during the last validation
@@ -215,6 +222,8 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
     summary["tokens_per_s"] = round(statistics.median(speed[0].rates), 1) if speed else None
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if trainer.is_global_zero:
+            log.info("Testing %s", tested_weights(best, trainer.checkpoint_callback))
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         # which protocol the test numbers used: the stream columns (all processes) or lines per batch, as eval's
@@ -229,16 +238,42 @@ def _fit(cfg: DictConfig, extra_callbacks: list[L.Callback], summary: dict,
     return metrics
 
 
+def devices_in_use(trainer: L.Trainer) -> str:
+    """``1 cpu device, precision 32-true`` (or ``4 cuda devices on 2 nodes, strategy ddp, ...``): what Lightning's
+    "GPU available: ..., used: ..." lines would say, in one line."""
+    kind = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+    count = trainer.num_devices * trainer.num_nodes
+    where = f"{count} {kind} device{'s' if count > 1 else ''}"
+    if trainer.num_nodes > 1:
+        where += f" on {trainer.num_nodes} nodes"
+    if trainer.world_size > 1:
+        where += f", strategy {type(trainer.strategy).__name__.removesuffix('Strategy').lower()}"
+    return f"{where}, precision {trainer.precision}"
+
+
+def tested_weights(best: str, checkpoints: ModelCheckpoint | None) -> str:
+    """Which weights the test reads, for the log: the best checkpoint, with its step and score, or the final ones."""
+    if not best:
+        return "the final weights (no best checkpoint was written)"
+    score = checkpoints.best_model_score
+    scored = f", {checkpoints.monitor} {float(score):.4f}" if score is not None and checkpoints.monitor else ""
+    return f"the best checkpoint, {describe(Path(best), read_checkpoint(best, mmap=True))}{scored}"
+
+
 # trainer.* settings that the module applies itself (its steps are manual, which Lightning refuses them with)
 MODULE_TRAINER_SETTINGS = ("chunks_per_call", "gradient_clip_val", "accumulate_grad_batches")
 
 
 def lightning_trainer(trainer: DictConfig) -> DictConfig:
-    """The ``trainer`` group as Lightning's ``Trainer`` takes it: without what the module applies itself."""
+    """The ``trainer`` group as Lightning's ``Trainer`` takes it: without what the module applies itself, and
+    without Lightning's default model summary: the summary is a callback (``callbacks.model_summary``, or rnnlm's
+    own when that is removed), and with ``enable_model_summary=True`` Lightning would say, on every run, that it
+    skips its default because there is one."""
     trainer = trainer.copy()
     with open_dict(trainer):
         for key in MODULE_TRAINER_SETTINGS:
             trainer.pop(key, None)
+        trainer.enable_model_summary = False
     return trainer
 
 
