@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 
 install:  ## CPU torch first (a plain `torch` requirement would pull a multi-GB CUDA build), then rnnlm
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	$(PYTHON) -m pip install -e ".[dev,export]"
+	$(PYTHON) -m pip install -e ".[dev,export,bpe]"
 
 test:  ## the default, fast suite
 	$(PYTHON) -m pytest

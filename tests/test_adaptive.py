@@ -138,7 +138,7 @@ def test_bad_adaptive_settings_are_refused_in_one_line(settings, message):
 
 
 def test_an_adaptive_char_model_is_refused_before_training(make_cfg):
-    with pytest.raises(ConfigError, match="use data=word, or model.softmax=full"):
+    with pytest.raises(ConfigError, match="use data=word or data.level=bpe, or model.softmax=full"):
         check_train_config(make_cfg("data=char", "model.softmax=adaptive"))
 
 

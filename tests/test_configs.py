@@ -24,7 +24,7 @@ def choices(group: str) -> list[str]:
 
 def test_every_group_has_its_files():
     assert choices("model") == ["gru", "lstm", "mingru", "minlstm", "rnn"]
-    assert choices("data") == ["char", "recall", "word"]
+    assert choices("data") == ["bpe", "char", "recall", "word"]
     assert choices("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert {"shakespeare_char", "ptb_word"} <= set(choices("experiment"))
 

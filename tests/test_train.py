@@ -49,11 +49,17 @@ def test_a_run_leaves_checkpoints_events_config_and_samples(make_cfg, tiny_corpu
     assert loaded.net.config.vocab_size == len(loaded.vocab)
 
 
-def test_word_run_reports_perplexity(make_cfg):
+def test_word_run_reports_perplexity_and_bits_per_character(make_cfg, shared_data):
     cfg = make_cfg("data=word", "trainer.max_steps=3", "test=false", "data.eval_batch_size=64")
     metrics = train(cfg)
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-5)
     assert 5000 < metrics["val/ppl"] < 20000  # near-uniform over the 10k PTB words after 3 steps
+    # bits per character divide the same summed loss by the characters of the text: words joined by one space, a
+    # newline per line (PTB's own spaces at the line ends are not modelled), "<unk>" as written, the first word unscored
+    lines = (shared_data / "ptb" / "ptb.valid.txt").read_text().splitlines()
+    chars = sum(len(" ".join(line.split())) + 1 for line in lines) - len(lines[0].split()[0])
+    assert metrics["val/bpc"] == pytest.approx(metrics["val/loss"] * metrics["val/tokens"] / chars / math.log(2),
+                                               rel=1e-5)
 
 
 def test_resume_continues_the_global_step(make_cfg, tiny_corpus, tmp_path):

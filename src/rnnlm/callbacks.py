@@ -491,7 +491,8 @@ class TextSamples(L.Callback):
 
 class HparamsWithBest(L.Callback):
     """At the end of fitting, record the run's hyperparameters in every logger together with its best
-    ``val/loss`` (and ``val/ppl`` or ``val/bpc``), so TensorBoard's HParams tab can compare runs."""
+    ``val/loss`` (and ``val/bpc``, and ``val/ppl`` for word and bpe models), so TensorBoard's HParams tab can compare
+    runs."""
 
     def __init__(self, hparams: dict | None = None):
         self.hparams = hparams or {}
@@ -503,6 +504,8 @@ class HparamsWithBest(L.Callback):
             return
         unit, value = loss_in_units(best, pl_module.vocab.level)
         metrics = {"hp/val_loss_best": best, f"hp/val_{unit}_best": value}
+        if unit != "bpc" and math.isfinite(pl_module.best_val_bpc):  # word and bpe: bits per character too
+            metrics["hp/val_bpc_best"] = pl_module.best_val_bpc
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # ties the metrics to the hparams in the HParams tab
                 logger.log_hyperparams(self.hparams, metrics=metrics)

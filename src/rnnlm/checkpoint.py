@@ -7,6 +7,7 @@ This module imports neither Lightning nor the training code, so the inference co
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import pickle
 import re
@@ -25,8 +26,11 @@ from rnnlm.vocab import Vocab
 
 # rnnlm's sections of a Lightning checkpoint, all plain data so that it loads with weights_only=True:
 CHECKPOINT_KEY = "rnnlm"  # what eval/generate/score read: the network's config, the vocabulary, how training read text
-# 2: one cell module per layer (net.backbone.cells.<k>.*), states as per-cell tuples (rnnlm.state); 1 is upgraded
-CHECKPOINT_FORMAT = 2
+# 2: one cell module per layer (net.backbone.cells.<k>.*), states as per-cell tuples (rnnlm.state); 1 is upgraded.
+# 3: a bpe vocabulary, with its tokenizer as JSON text (rnnlm.bpe). Char and word checkpoints are still written as 2,
+# which older rnnlm reads; a bpe one as 3, which older rnnlm refuses ("upgrade rnnlm") instead of misreading it.
+CHECKPOINT_FORMAT = 3  # the newest format this rnnlm reads and writes
+WORD_CHAR_FORMAT = 2  # what a char or word checkpoint is written as
 CONFIG_KEY = "rnnlm_config"  # the training run's config, so `ckpt_path=...` alone resumes it
 RESUME_KEY = "rnnlm_resume"  # what only a resumed run reads: carried hidden state, best loss, configured lr
 RANDOM_KEY = "rnnlm_random"  # the random streams, so a resumed run draws the dropout masks it would have drawn
@@ -42,7 +46,7 @@ def write_model_section(checkpoint: dict, network: NetworkConfig, vocab: Vocab, 
                         world_size: int) -> None:
     """What rebuilds the network and reads text as training did, without the training config."""
     checkpoint[CHECKPOINT_KEY] = {
-        "format": CHECKPOINT_FORMAT,
+        "format": CHECKPOINT_FORMAT if vocab.level == "bpe" else WORD_CHAR_FORMAT,
         "network": network.settings(),
         "vocab": vocab.to_dict(),
         "carry_state": carry_state,
@@ -77,7 +81,7 @@ def upgrade_checkpoint(checkpoint: dict) -> dict:
     if isinstance(config, dict) and isinstance(config.get("model"), dict) \
             and config["model"].get("_target_") == "rnnlm.module.RecurrentLM":
         config["model"]["_target_"] = "rnnlm.lightning_module.RecurrentLM"
-    section["format"] = CHECKPOINT_FORMAT
+    section["format"] = WORD_CHAR_FORMAT  # format 1 had no bpe
     return checkpoint
 
 
@@ -330,10 +334,26 @@ def _checked_vocab(saved: dict, path: str | Path) -> Vocab:
     if not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens):
         raise CheckpointError(f"the vocabulary of {path} is not a list of tokens: {_DAMAGED}")
     try:
-        return Vocab.from_dict(saved)
+        vocab = Vocab.from_dict(saved)
+        if vocab.level == "bpe":
+            _check_tokenizer(vocab)
+        return vocab
     except (KeyError, TypeError, ValueError) as err:
         reason = f"no '{err.args[0]}' entry" if isinstance(err, KeyError) else str(err)
         raise CheckpointError(f"the vocabulary of {path} cannot be read ({reason}): {_DAMAGED}") from None
+
+
+def _check_tokenizer(vocab: Vocab) -> None:
+    """A bpe vocabulary's tokens are its tokenizer's, id for id (read from the JSON text: no tokenizers needed).
+
+    Raises:
+        ValueError, KeyError, TypeError: they are not, or the tokenizer is not JSON of that shape.
+    """
+    tokenizer = json.loads(vocab.tokenizer)
+    ids = dict(tokenizer["model"]["vocab"])
+    ids.update({added["content"]: added["id"] for added in tokenizer["added_tokens"]})
+    if {token: i for i, token in enumerate(vocab.tokens)} != ids:
+        raise ValueError("its tokens are not its tokenizer's")
 
 
 def _checked_network(settings: dict, vocab_size: int, path: str | Path) -> NetworkConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 
@@ -52,9 +53,12 @@ def check_train_config(cfg: DictConfig) -> None:
         problems.append("task=bilm needs model.bidirectional=true")
     elif cfg.task == "bilm" and data.mode != "stream":
         problems.append("task=bilm reads fixed windows: use data.mode=stream")
-    if model.softmax == "adaptive" and data.level != "word":
-        problems.append("model.softmax=adaptive clusters ids by frequency, as word vocabularies are ordered; a char "
-                        "vocabulary is ordered by code point: use data=word, or model.softmax=full")
+    if model.softmax == "adaptive" and data.level == "char":
+        problems.append("model.softmax=adaptive clusters ids by frequency, as word and bpe vocabularies are ordered; a "
+                        "char vocabulary is ordered by code point: use data=word or data.level=bpe, or "
+                        "model.softmax=full")
+    if data.level == "bpe":
+        problems += _bpe_problems(data)
     if data.variable_seq_len:
         if data.mode != "stream":
             problems.append("data.variable_seq_len=true varies the length of stream chunks: use data.mode=stream")
@@ -97,6 +101,19 @@ def check_train_config(cfg: DictConfig) -> None:
     if problems:
         raise ConfigError("; ".join(problems))
     _check_memory(cfg, 0, "the recurrent layers alone")  # the vocabulary's share is known later
+
+
+def _bpe_problems(data: DictConfig) -> list[str]:
+    problems = []
+    if importlib.util.find_spec("tokenizers") is None:
+        from rnnlm.bpe import INSTALL
+
+        problems.append(f"data.level=bpe needs the tokenizers package: {INSTALL}")
+    for key, default in (("min_freq", 1), ("max_size", None)):
+        if data[key] != default:
+            problems.append(f"data.{key}={shown(data[key])} limits word and char vocabularies; a bpe vocabulary's size "
+                            f"is data.bpe_vocab_size: drop data.{key}")
+    return problems
 
 
 def _recall_problems(data: DictConfig) -> list[str]:

@@ -12,19 +12,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from rnnlm.batches import EvenShards, Sentences, StreamChunks, data_source, make_loader, split_dataset
 from rnnlm.corpora import CorpusSource
-from rnnlm.prepare import PreparedCorpus, prepare
+from rnnlm.prepare import DEFAULT_BPE_VOCAB_SIZE, PreparedCorpus, prepare
 from rnnlm.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
 
 class TextDataModule(L.LightningDataModule):
-    """Word- or char-level corpus as stream chunks (truncated BPTT) or padded sentences.
+    """Word-, char- or bpe-level corpus as stream chunks (truncated BPTT) or padded sentences.
 
     Args:
         corpus: a named corpus (see :data:`rnnlm.corpora.CORPORA`), or None when ``path`` is given.
         path: a text file or folder; wins over ``corpus``.
-        level: ``char`` or ``word``.
+        level: ``char``, ``word`` or ``bpe`` (byte-level BPE subwords, :mod:`rnnlm.bpe`).
         mode: ``stream`` (contiguous columns, state carried) or ``sentence`` (one line per example).
         seq_len: time steps per chunk (stream) or the longest training example (sentence; validation and
             test lines are read whole, so every token is scored).
@@ -42,6 +42,8 @@ class TextDataModule(L.LightningDataModule):
         variable_seq_len: stream training chunks of varying length around ``seq_len`` (AWD-LSTM's variable-length
             BPTT; the model scales each step's learning rate by the chunk's length).
         recall: the settings of the synthetic recall task (:mod:`rnnlm.recall`), which then is the corpus.
+        bpe_vocab_size: ``level=bpe``: the most tokens the tokenizer trained on the training split may have (the
+            256 bytes, the specials and the merges).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class TextDataModule(L.LightningDataModule):
         scored: str = "all",
         recall: dict | None = None,
         variable_seq_len: bool = False,
+        bpe_vocab_size: int = DEFAULT_BPE_VOCAB_SIZE,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -85,8 +88,13 @@ class TextDataModule(L.LightningDataModule):
             if not hp.holdout:
                 log.info("data.holdout=false: validating and testing on the training text (%s)", source.name)
             self._prepared = prepare(source, hp.level, Path(hp.cache_dir).expanduser(), hp.mode,
-                                     hp.min_freq, hp.max_size)
+                                     hp.min_freq, hp.max_size, hp.bpe_vocab_size)
         return self._prepared
+
+    def unknown_chars(self, split: str) -> float | None:
+        """The mean characters of the words of ``split`` read as ``<unk>`` (word level), which bits per character
+        count for each (:class:`rnnlm.loss.CharacterCount`); None when there are none."""
+        return self.load().unknown_chars[split]
 
     @property
     def vocab(self) -> Vocab:

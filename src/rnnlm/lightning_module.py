@@ -24,7 +24,7 @@ from rnnlm.checkpoint import (
     write_resume_section,
 )
 from rnnlm.cuda_graph import GraphedStep
-from rnnlm.loss import IGNORE_INDEX, loss_in_units
+from rnnlm.loss import IGNORE_INDEX, CharacterCount, bits_per_character, loss_in_units
 from rnnlm.network import LanguageModel, NetworkConfig
 from rnnlm.ntasgd import find_ntasgd
 from rnnlm.regularization import activation_penalty
@@ -122,8 +122,11 @@ class RecurrentLM(L.LightningModule):
         self.nominal_seq_len = nominal_seq_len
         self._lr_scale = 1.0  # during an optimizer step: its chunk's length over nominal_seq_len
         self._averages_in = False  # NT-ASGD's averaged weights are in the parameters (during validation)
-        self._eval_sums = torch.zeros(3, dtype=torch.float64)  # summed loss (nats), scored tokens, ranked first
+        self._eval_sums = torch.zeros(4, dtype=torch.float64)  # summed loss (nats), scored tokens, ranked first, chars
+        self._characters: CharacterCount | None = None  # the characters the scored targets stand for (bpc)
         self.best_val_loss = math.inf  # saved with the resume state, so a resumed run remembers it
+        self.best_val_bpc = math.inf  # the val/bpc of the best val/loss (not saved: a resumed run finds it anew)
+        self._bpc = math.nan  # the last evaluation's bits per character
         self._first_bad_step = torch.tensor(-1)  # the first training step whose loss was not finite
         self._device_step = torch.tensor(0)  # chunks trained (see on_train_start)
         self._new_lr = False
@@ -407,23 +410,33 @@ class RecurrentLM(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     def _eval_start(self, stage: str) -> None:
         self._state[stage] = None
-        self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self._eval_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        # a word model's <unk> counts the characters of the split's own unknown words (the data module knows them)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        unknown = getattr(datamodule, "unknown_chars", None)
+        split = "valid" if stage == "val" else stage
+        self._characters = CharacterCount(self.vocab, unknown(split) if unknown else None)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         total, count = self._step(batch, stage)
         right = self._correct.double() if self._correct is not None else total.new_zeros((), dtype=torch.float64)
-        self._eval_sums += torch.stack([total.double(), count.double(), right])
+        self._eval_sums += torch.stack([total.double(), count.double(), right, self._characters(*batch)])
 
     def _eval_end(self, stage: str) -> float:
-        """Token-weighted mean loss over the whole split, summed across processes."""
-        total, count, right = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+        """Token-weighted mean loss over the whole split, summed across processes; bits per character (every level)
+        and perplexity (word and bpe: per token) from the same sums."""
+        total, count, right, chars = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
         loss = total / max(count, 1.0)
         # Every process now holds the same value; sync_dist only averages equal numbers (and keeps
         # Lightning from warning about unsynchronised epoch metrics).
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/tokens", count, sync_dist=True)
-        unit, value = loss_in_units(loss, self.vocab.level)
-        self.log(f"{stage}/{unit}", value, sync_dist=True)
+        if self.vocab.level != "char":
+            unit, value = loss_in_units(loss, self.vocab.level)
+            self.log(f"{stage}/{unit}", value, sync_dist=True)
+        # for chars, `chars` is `count`, and this is the mean loss in bits
+        self._bpc = bits_per_character(total, chars)
+        self.log(f"{stage}/bpc", self._bpc, sync_dist=True)
         if self.answer_accuracy:
             self.log(f"{stage}/answer_acc", right / max(count, 1.0), sync_dist=True)
         return loss
@@ -439,7 +452,7 @@ class RecurrentLM(L.LightningModule):
                 "good checkpoint was kept; lower optimizer.lr or set trainer.gradient_clip_val"
             )
         if not self.trainer.sanity_checking and loss < self.best_val_loss:
-            self.best_val_loss = loss
+            self.best_val_loss, self.best_val_bpc = loss, self._bpc
         self.log("val/loss_best", self.best_val_loss, sync_dist=True)
         self._swap_averages(into_parameters=False)
         if (ntasgd := find_ntasgd(self.trainer.optimizers)) is not None:

@@ -312,7 +312,9 @@ def _train_settings() -> dict[str, Setting]:
         "data._target_": class_path(),
         "data.corpus": one_of(*CORPORA, null=True),
         "data.path": existing_path(null=True),
-        "data.level": one_of("char", "word"),
+        "data.level": one_of("char", "word", "bpe"),
+        # the 256 bytes at least; far above any vocabulary a corpus here can fill (ids are stored as uint32)
+        "data.bpe_vocab_size": integer(256, 2**20, required=False),
         "data.mode": one_of("stream", "sentence"),
         "data.seq_len": integer(1),
         "data.batch_size": integer(1),

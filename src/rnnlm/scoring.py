@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from rnnlm.errors import ConfigError
-from rnnlm.loss import IGNORE_INDEX, pad_batch
+from rnnlm.loss import IGNORE_INDEX, CharacterCount, pad_batch
 from rnnlm.network import LanguageModel
 from rnnlm.state import State, batch_rows
 from rnnlm.vocab import Vocab
@@ -42,9 +42,11 @@ def chunk_loss(net: LanguageModel, inputs: Tensor, targets: Tensor, state: State
 
 @torch.inference_mode()
 def split_loss(net: LanguageModel, batches: Iterable[tuple[Tensor, Tensor]], carry_state: bool,
-               count_correct: bool = False) -> tuple[float, float, float]:
-    """The summed loss (nats) over ``batches`` read in order, the number of scored targets and, with
-    ``count_correct``, of those the network ranks first: one process's validation or test in training, without
+               count_correct: bool = False, characters: CharacterCount | None = None
+               ) -> tuple[float, float, float, float]:
+    """The summed loss (nats) over ``batches`` read in order, the number of scored targets, with ``count_correct``
+    the number of those the network ranks first (else 0), and with ``characters`` the characters they stand for
+    (else 0; see :class:`rnnlm.loss.CharacterCount`): one process's validation or test in training, without
     Lightning. Each batch is moved to the network's device.
 
     With ``carry_state`` (a model trained on a stream) each chunk starts from the previous chunk's final state while
@@ -53,7 +55,7 @@ def split_loss(net: LanguageModel, batches: Iterable[tuple[Tensor, Tensor]], car
     """
     net.eval()
     device = net.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, scored targets, ranked first
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, scored targets, ranked first, characters
     state = None
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
@@ -61,10 +63,12 @@ def split_loss(net: LanguageModel, batches: Iterable[tuple[Tensor, Tensor]], car
             state = None
         total, count, final, correct = chunk_loss(net, inputs, targets, state, count_correct)
         state = final if carry_state else None
-        right = correct.double() if correct is not None else total.new_zeros((), dtype=torch.float64)
-        sums += torch.stack([total.double(), count.double(), right])
-    total, count, right = sums.tolist()
-    return total, count, right
+        zero = total.new_zeros((), dtype=torch.float64)
+        right = correct.double() if correct is not None else zero
+        chars = characters(inputs, targets) if characters is not None else zero
+        sums += torch.stack([total.double(), count.double(), right, chars])
+    total, count, right, chars = sums.tolist()
+    return total, count, right, chars
 
 
 @torch.no_grad()
@@ -104,6 +108,8 @@ def unknown_candidates(vocab: Vocab, candidates: list[str], single_token: bool =
     Such a candidate would be scored as ``<unk>``, often a frequent token, and so ranked above real words.
     With ``single_token`` each candidate must be one token of the vocabulary (a bidirectional model's filler).
     """
+    if vocab.level == "bpe":  # bytes: every text is readable, but a filler must be one token
+        return [str(c) for c in candidates if single_token and len(vocab.encode_text(str(c))) != 2]
     if single_token:
         return [str(c) for c in candidates if str(c) not in vocab]
     return [str(c) for c in candidates
@@ -156,5 +162,8 @@ def fill_blank(net: LanguageModel, vocab: Vocab, text: str, blank: str = "___") 
 def rank_fillers(log_probs: Tensor, vocab: Vocab, candidates: list[str]) -> list[tuple[str, float]]:
     """``(candidate, log-probability)`` best first; a bidirectional model fills one token per blank, so only
     candidates that are one token of the vocabulary are ranked."""
-    ranked = [(c, float(log_probs[vocab.index[c]])) for c in _known(vocab, candidates, single_token=True)]
+    def token_id(candidate: str) -> int:
+        return vocab.encode_text(candidate)[1] if vocab.level == "bpe" else vocab.index[candidate]
+
+    ranked = [(c, float(log_probs[token_id(c)])) for c in _known(vocab, candidates, single_token=True)]
     return sorted(ranked, key=lambda row: -row[1])

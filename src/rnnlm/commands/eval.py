@@ -19,8 +19,8 @@ from rnnlm.checks import ConfigError, check_eval_config
 from rnnlm.commands.cli import CONF_DIR, check_output, end_program, exit_on_user_error, pick_device, run_command
 from rnnlm.corpora import DataError, path_source
 from rnnlm.files import remove_stale_temporaries, write_atomically
-from rnnlm.loss import loss_in_units
-from rnnlm.prepare import encode_split
+from rnnlm.loss import CharacterCount, bits_per_character, loss_in_units
+from rnnlm.prepare import encode_split_counted
 from rnnlm.scoring import split_loss
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,13 @@ DATA_DEFAULTS = {
     "corpus": "tinyshakespeare", "path": None, "level": "char", "mode": "stream", "seq_len": 128, "batch_size": 64,
     "eval_batch_size": 10, "test_batch_size": None, "min_freq": 1, "max_size": None, "split": (0.9, 0.05, 0.05),
     "holdout": True, "data_dir": "data", "cache_dir": ".cache", "download": True, "num_workers": 0, "scored": "all",
-    "recall": None, "variable_seq_len": False,
+    "recall": None, "variable_seq_len": False, "bpe_vocab_size": 4096,
 }
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Token-weighted loss of the checkpoint on the chosen text, with the hidden state carried as in training."""
+    """Token-weighted loss of the checkpoint on the chosen text, with the hidden state carried as in training, and
+    bits per character (:class:`rnnlm.loss.CharacterCount`)."""
     check_eval_config(cfg)
     device = pick_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
@@ -53,7 +54,7 @@ def evaluate(cfg: DictConfig) -> dict:
         source = data_source(trained["corpus"], trained["path"], cfg.paths.data_dir, cfg.paths.cache_dir,
                              trained["split"], trained["holdout"], trained["download"], trained["recall"])
         split = cfg.split
-    ids = encode_split(source, vocab, split)
+    ids, unknown_chars = encode_split_counted(source, vocab, split)
     if vocab.unk_id is not None and len(ids) and (unk_share := float((ids == vocab.unk_id).mean())) > MAX_UNK_SHARE:
         raise DataError(
             f"{unk_share:.0%} of the tokens of {source.name} are outside the checkpoint's vocabulary: this text "
@@ -63,8 +64,8 @@ def evaluate(cfg: DictConfig) -> dict:
                                                   cfg.data.seq_len, split=split)
     dataset = split_dataset(ids, vocab, mode, seq_len, batch_size, name=split or "evaluation", scored=trained["scored"])
     answers = trained["scored"] == "last"  # data=recall: the share of answers ranked first, too
-    total, count, right = split_loss(loaded.net, make_loader(dataset, batch_size), loaded.info["carry_state"],
-                                     count_correct=answers)
+    total, count, right, chars = split_loss(loaded.net, make_loader(dataset, batch_size), loaded.info["carry_state"],
+                                            count_correct=answers, characters=CharacterCount(vocab, unknown_chars))
     loss = as_logged(total / max(count, 1.0))
     result = {
         "checkpoint": str(ckpt_path.resolve()),
@@ -74,10 +75,13 @@ def evaluate(cfg: DictConfig) -> dict:
         "tokens": int(count),
         "batch_size": batch_size,
         "seq_len": seq_len if mode == "stream" else None,  # sentences are read whole
+        "characters": round(chars, 6),  # (a word model's <unk> counts the mean of the split's unknown words)
         "loss": loss,
     }
-    unit, value = loss_in_units(loss, vocab.level)
-    result[unit] = value
+    if vocab.level != "char":  # a char model's per-token unit is its bpc
+        unit, value = loss_in_units(loss, vocab.level)
+        result[unit] = value
+    result["bpc"] = as_logged(bits_per_character(total, chars))
     if answers:
         result["answer_acc"] = as_logged(right / max(count, 1.0))
     return result
@@ -139,7 +143,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     output = check_output(cfg.output or Path(cfg.paths.output_dir) / "metrics.json", cfg.overwrite)
     remove_stale_temporaries(output.parent, names=[glob.escape(output.name)])
     result = evaluate(cfg)
-    metric = f"bpc {result['bpc']:.4f}" if "bpc" in result else f"ppl {result['ppl']:.2f}"
+    metric = (f"ppl {result['ppl']:.2f} | " if "ppl" in result else "") + f"bpc {result['bpc']:.4f}"
     print(f"{result['text']}: {result['tokens']:,} tokens | loss {result['loss']:.4f} nats | {metric}")
     write_atomically(output, json.dumps(result, indent=2) + "\n", elsewhere="output=FILE")
     log.info("Metrics written to %s", output)

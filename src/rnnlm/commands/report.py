@@ -65,7 +65,7 @@ class Job:
     folder: Path | None  # None: the sweep launched it, but its folder is gone
     values: dict[str, str] = field(default_factory=dict)  # its overrides, as typed
     summary: dict = field(default_factory=dict)  # its run_summary.json
-    level: str | None = None  # data.level: char or word
+    level: str | None = None  # data.level: char, word or bpe
     logged: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # see curves()
     timed: list[tuple[float, float]] = field(default_factory=list)  # see timed_curve()
     flow: tuple[int, list[float]] | None = None  # the last step of gradient_flow.csv and its norms by k
@@ -338,6 +338,12 @@ def job_row(job: Job, swept: list[str]) -> dict:
     test = metrics.get("test/loss")
     row["test/loss"] = test
     row[f"test/{unit}"] = None if test is None else loss_in_units(test, job.level)[1]
+    if unit != "bpc" and ("val/bpc" in logged or "test/bpc" in metrics):  # word and bpe: bits per character too,
+        # logged from the characters of each split (not a function of the loss), at the best val/loss's step
+        at_best = [step for step, v in logged.get("val/loss", []) if v == best]
+        bpc = dict(logged.get("val/bpc", []))
+        row["best val/bpc"] = bpc.get(at_best[0]) if at_best else None
+        row["test/bpc"] = metrics.get("test/bpc")
     if "val/answer_acc" in logged:  # data.scored=last (data=recall): the share of answers recalled
         row["best val/answer_acc"] = max(v for _, v in logged["val/answer_acc"])
         row["test/answer_acc"] = metrics.get("test/answer_acc")

@@ -15,6 +15,7 @@ from rnnlm.checks import check_score_config
 from rnnlm.commands.cli import CONF_DIR, end_program, exit_on_user_error, pick_device, quote_free_text, run_command
 from rnnlm.corpora import read_lines
 from rnnlm.errors import ConfigError
+from rnnlm.loss import bits_per_character
 from rnnlm.scoring import fill_blank, rank_candidates, rank_fillers, sentence_logprobs, unknown_candidates
 
 
@@ -35,10 +36,11 @@ def _hydra_main(cfg: DictConfig) -> None:
             unknown = unknown_candidates(vocab, list(cfg.candidates), single_token=True)
         else:
             top = log_probs.topk(min(cfg.top_k, len(vocab)))
-            rows = [(vocab.tokens[i], lp) for lp, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+            shown = (lambda i: vocab.decode([i])) if vocab.level == "bpe" else (lambda i: vocab.tokens[i])
+            rows = [(shown(i), lp) for lp, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
         print("rank\tlogprob\tprob\tfiller")
         for rank, (token, lp) in enumerate(rows, 1):
-            print(f"{rank}\t{lp:.3f}\t{math.exp(lp):.4f}\t{token!r}" if vocab.level == "char" else
+            print(f"{rank}\t{lp:.3f}\t{math.exp(lp):.4f}\t{token!r}" if vocab.level != "word" else
                   f"{rank}\t{lp:.3f}\t{math.exp(lp):.4f}\t{token}")
         _print_unknown(unknown, "not one token of the model's vocabulary")
         return
@@ -55,9 +57,18 @@ def _hydra_main(cfg: DictConfig) -> None:
         if not Path(cfg.text_file).is_file():
             raise ConfigError(f"text_file={cfg.text_file} does not exist")
         lines = [line for line in read_lines(Path(cfg.text_file)) if line.strip()]
-    print("logprob\tppl\ttokens\ttext")
+    # bits per character: each line's characters with its line end (rnnlm.vocab.Vocab.text_characters), the same
+    # count training's val/bpc and test/bpc divide by
+    print("logprob\tppl\tbpc\ttokens\ttext")
+    total_lp = total_tokens = total_chars = 0
     for line, (lp, n) in zip(lines, sentence_logprobs(net, vocab, lines, cfg.batch_size), strict=True):
-        print(f"{lp:.3f}\t{math.exp(-lp / n):.2f}\t{n}\t{line}")
+        chars = vocab.text_characters(line)
+        print(f"{lp:.3f}\t{math.exp(-lp / n):.2f}\t{bits_per_character(-lp, chars):.4f}\t{n}\t{line}")
+        total_lp, total_tokens, total_chars = total_lp + lp, total_tokens + n, total_chars + chars
+    if len(lines) > 1:  # the lines together: a sentence-mode model's test/bpc when they are its test split
+        print(f"{total_lp:.3f}\t{math.exp(-total_lp / total_tokens):.2f}\t"
+              f"{bits_per_character(-total_lp, total_chars):.4f}\t{total_tokens}\t(all {len(lines)} lines, "
+              f"{total_chars} characters)")
 
 
 def _print_unknown(candidates: list[str], why: str) -> None:

@@ -41,7 +41,7 @@ from rnnlm.checks import check_model_memory, check_train_config
 from rnnlm.commands.cli import CONF_DIR, exit_on_user_error, run_command
 from rnnlm.errors import ConfigError, DiskFullError, UserError
 from rnnlm.files import keep_logging_on_full_disk, remove_stale_temporaries, write_atomically
-from rnnlm.loss import loss_in_units
+from rnnlm.loss import quoted_units
 from rnnlm.ntasgd import NTASGD
 from rnnlm.resume import resume_config
 from rnnlm.vocab import Vocab
@@ -289,16 +289,16 @@ def returned_metrics(cfg: DictConfig) -> list[str]:
     logged values, ``trainer.callback_metrics``), which ``optimized_metric`` may name.
 
     ``val/*`` unless validation is off (``trainer.limit_val_batches=0``), ``test/*`` with ``test=true``; bits per
-    character for characters, perplexity for words; ``*/answer_acc`` with ``data.scored=last``.
+    character for every level, and perplexity (per token) for words and bpe; ``*/answer_acc`` with ``data.scored=last``.
     """
     names = ["train/loss", "train/grad_norm", "train/lr"]
     if any(_builds(c, TokensPerSecond) for c in cfg.callbacks.values()):
         names += ["train/tokens_seen", "train/tokens_per_s"]
     validates = cfg.trainer.limit_val_batches != 0
     stages = (["val"] if validates else []) + (["test"] if cfg.test else [])
-    unit = loss_in_units(1.0, cfg.data.level)[0]
+    units = quoted_units(cfg.data.level)
     for stage in stages:
-        names += [f"{stage}/loss", f"{stage}/{unit}", f"{stage}/tokens"]
+        names += [f"{stage}/loss", *(f"{stage}/{unit}" for unit in units), f"{stage}/tokens"]
         names += [f"{stage}/answer_acc"] if cfg.data.get("scored") == "last" else []
     names += ["test/batch_size"] if cfg.test else []  # the columns the test split was read as
     if validates:
