@@ -69,7 +69,8 @@ def assert_same(got: dict, expected: dict, case: str) -> None:
 
 
 # Recorded from the loop before chunks_per_call (one training_step per chunk, automatic optimization).
-PINNED: dict[str, dict] = {'stream': {'train_loss': [3.3244733810424805, 3.3179123401641846, 3.294476270675659, 3.2746851444244385,
+PINNED: dict[str, dict] = {'stream': {'train_loss': [3.3244733810424805, 3.3179123401641846, 3.294476270675659,
+                                                   3.2746851444244385,
                            3.268599033355713, 3.195582389831543],
             'val_loss': [3.3088550567626953, 3.273866653442383, 3.1999926567077637],
             'averaging': [],
@@ -148,7 +149,8 @@ DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model.hid
        "data.seq_len=8", "data.batch_size=4", "data.eval_batch_size=3", "model.dropout=0.3", "test=false",
        "trainer.max_steps=15", "trainer.val_check_interval=6", "trainer.log_every_n_steps=3", "~callbacks.progress_bar",
        "~callbacks.text_samples"]
-PINNED_DDP = {'train_loss': [3.327366352081299, 3.3226401805877686, 3.2925286293029785, 3.283865451812744, 3.2795093059539795],
+PINNED_DDP = {'train_loss': [3.327366352081299, 3.3226401805877686, 3.2925286293029785, 3.283865451812744,
+                             3.2795093059539795],
  'val_loss': [3.306002140045166, 3.2716240882873535, 3.243475914001465],
  'averaging': [],
  'global_step': 15,

@@ -102,8 +102,8 @@ class RecurrentLM(L.LightningModule):
     def __init__(self, vocab: Vocab, carry_state: bool = True, compile: bool = False, cuda_graph: bool = False,
                  optimizer: Callable | None = None, scheduler: Callable | None = None, answer_accuracy: bool = False,
                  activation_reg: float = 0.0, temporal_activation_reg: float = 0.0, nominal_seq_len: int | None = None,
-                 chunks_per_call: int = 1, gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm",
-                 accumulate_grad_batches: int = 1, **network):
+                 chunks_per_call: int = 1, gradient_clip_val: float | None = None,
+                 gradient_clip_algorithm: str = "norm", accumulate_grad_batches: int = 1, **network):
         super().__init__()
         self.vocab = vocab
         self.net = LanguageModel(NetworkConfig.from_settings(network, vocab_size=len(vocab)))
