@@ -142,3 +142,19 @@ def test_a_ddp_run_groups_chunks_to_the_same_numbers(tmp_path, session_corpus, c
     assert got["val_loss"] == pytest.approx(PINNED_DDP["val_loss"], rel=1e-5)
     for name, sums in PINNED_DDP["weights"].items():
         assert got["weights"][name] == pytest.approx(sums, rel=1e-5, abs=1e-6), name
+
+
+def test_the_progress_bar_counts_chunks(tmp_path, session_corpus, cache_dir):
+    """The bar a user watches says how many chunks of the epoch are trained, however many one call trains."""
+    seen = {}
+
+    class ReadBar(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            bar = trainer.progress_bar_callback
+            seen["completed"] = bar.progress.tasks[bar.train_progress_bar_id].completed
+
+    cfg = compose_train([f"data.path={session_corpus}", "trainer.max_steps=30", "trainer.chunks_per_call=16",
+                         "trainer.log_every_n_steps=50", "test=false", "callbacks.progress_bar.refresh_s=100"],
+                        tmp_path / "run", SHARED_DATA, cache_dir)
+    train(cfg, extra_callbacks=[ReadBar()])
+    assert seen["completed"] == 30

@@ -318,7 +318,9 @@ class ProgressBar(RichProgressBar):
         return True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._undrawn = (trainer, pl_module, outputs, batch, batch_idx)
+        # a call trains several chunks (trainer.chunks_per_call): the bar counts the last one
+        last = batch_idx + len(outputs["chunks"]) - 1
+        self._undrawn = (trainer, pl_module, outputs, batch, last)
         if self._due("train", batch_idx, self.total_train_batches):
             self._draw_undrawn()
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from rnnlm import CONF_DIR
 
-COMMANDS = ("train", "eval", "generate", "score")  # the Hydra commands; rnnlm-report reads plain arguments
+COMMANDS = ("train", "eval", "generate", "score", "export")  # the Hydra commands; rnnlm-report reads plain arguments
 UPDATE = "python -m rnnlm.reference > docs/configuration.md"
 HIDDEN = ("_target_", "_partial_")  # how a section is built, not a setting to change: shown as the choice's class
 
