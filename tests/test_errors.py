@@ -51,7 +51,7 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
         ("train", ["model=rnn,lstm"], "model=rnn,lstm is a sweep: add -m"),
         ("train", ["-m", "model=rnn,foo"], "model=foo is not a choice"),  # every value of a sweep is checked
         ("train", ["-m", "model.hidden_sise=16,32"], "model.hidden_sise is not a setting"),
-        ("train", ["--cfg", "job", "data=bytes"], "data=bytes is not a choice: use one of char, recall, word"),
+        ("train", ["--cfg", "job", "data=bytes"], "data=bytes is not a choice: use one of bpe, char, recall, word"),
         ("train", ["model.hidden_size=[1"], "cannot read the override 'model.hidden_size=[1'"),
         ("train", ["hydra.run.dir=/proc/rnnlm-run"], "cannot create the run folder /proc/rnnlm-run in /proc"),
         ("eval", ["ckpt=x.ckpt"], "ckpt is not a setting"),
