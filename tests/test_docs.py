@@ -60,8 +60,9 @@ def quoted_commands(page: Path) -> list[tuple[str, list[str]]]:
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"^(\w+=\S*\s+)+", "", line.strip())  # OMP_NUM_THREADS=1 python ...
             match = COMMAND.match(line)
-            if match:
-                found.append((match[1] or match[2], shlex.split(match[3] or "", comments=True)))
+            if match:  # a synopsis's optional parts, [key=value], are left out
+                arguments = [a for a in shlex.split(match[3] or "", comments=True) if not re.fullmatch(r"\[.*\]", a)]
+                found.append((match[1] or match[2], arguments))
     return found
 
 
@@ -69,8 +70,10 @@ def readme_commands() -> list[tuple[str, list[str]]]:
     return quoted_commands(REPO / "README.md")
 
 
-def all_quoted_commands() -> list[tuple[str, str, list[str]]]:
-    return [(str(page.relative_to(REPO)), command, arguments)
+def all_quoted_commands() -> list:
+    """README's commands in the default suite, the other pages' in the slow one."""
+    return [pytest.param(str(page.relative_to(REPO)), command, arguments,
+                         marks=() if page.name == "README.md" and page.parent == REPO else pytest.mark.slow)
             for page in PAGES for command, arguments in quoted_commands(page)]
 
 

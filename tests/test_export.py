@@ -101,6 +101,7 @@ FORMS = {
 }
 
 
+@pytest.mark.slow  # an export each, 2-7 s: the cells' default forms are checked in the default suite above
 @pytest.mark.parametrize("form", FORMS)
 def test_every_form_and_option_steps_in_onnx_as_in_torch(form):
     """The scratch forms and the options that change the step (one-hot input, projection, tied and adaptive decoders,
