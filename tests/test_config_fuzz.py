@@ -23,7 +23,17 @@ from helpers import REPO, SHARED_DATA, TINY
 from rnnlm.checks import check_config
 from rnnlm.commands.cli import CONF_DIR, _set_output_dir, check_command_line
 from rnnlm.errors import ConfigError, UserError
-from rnnlm.schema import _leaves, _pattern, settings_table
+from rnnlm.schema import (
+    PASSED_IN_CODE,
+    _arguments,
+    _built_sections,
+    _leaves,
+    _pattern,
+    argument_type,
+    declared,
+    problems_of,
+    settings_table,
+)
 
 COMMANDS = ("train", "eval", "generate", "score", "export")
 # Typed on a command line, each of these reaches the config as Hydra parses it: a word, a negative number, zero,
@@ -196,6 +206,10 @@ def test_every_bad_value_of_every_key_works_or_is_refused_naming_the_key(command
         ("train", ["+trainer.profilr=simple"], "trainer.profilr is not an argument of lightning.pytorch.Trainer "
                                                "(did you mean trainer.profiler?)"),
         ("train", ["+model.foo=1"], "model.foo is not a setting of rnnlm-train"),
+        ("train", ["+optimizer.fused=maybe"], "optimizer.fused=maybe must be true/false or null, the type of "
+                                              "torch.optim.AdamW's argument fused"),
+        ("train", ["optimizer=sgd", "+optimizer.nesterov=1"], "optimizer.nesterov=1 must be true/false"),
+        ("train", ["+logger.tensorboard.log_graph=yes"], "logger.tensorboard.log_graph=yes must be true/false"),
     ],
 )
 def test_named_mistakes_are_refused_in_one_line(command, argv, message, tmp_path, monkeypatch):
@@ -217,6 +231,54 @@ def test_a_data_folder_that_is_a_file_is_refused_naming_the_variable(tmp_path, m
 def test_arguments_of_the_built_classes_may_be_added(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     check_command_line("train", ["+trainer.profiler=simple", "+optimizer.betas=[0.9,0.99]", "~callbacks.progress_bar"])
+
+
+def test_max_time_as_a_mapping_reaches_lightning_as_that_duration(tmp_path):
+    """trainer.max_time={hours: 1, minutes: 30}, as the config's comment offers: Lightning's Timer stops at 90 minutes
+    (Lightning reads a plain dict only; a DictConfig used to fail when the trainer was built)."""
+    from lightning.pytorch.callbacks import Timer
+
+    from rnnlm.commands.train import lightning_trainer
+
+    for given, seconds in (("{hours: 1, minutes: 30}", 5400), ("{seconds: 15}", 15), ("00:00:02:00", 120)):
+        cfg = _compose("train", [f"trainer.max_time={given}"], tmp_path)
+        trainer = instantiate(lightning_trainer(cfg.trainer), logger=False, enable_checkpointing=False)
+        [timer] = [c for c in trainer.callbacks if isinstance(c, Timer)]
+        assert timer._duration == seconds
+
+
+def test_every_added_argument_of_a_built_class_is_checked_against_its_type():
+    """``+optimizer.fused=maybe`` and the like: an argument the config does not list, added for the class a section
+    builds (every optimizer, scheduler, trainer, logger and callback the configs name), is refused in one line
+    naming it when its value is not of the type the class's signature gives (its annotation, or its default's
+    type), and let through when it is."""
+    targets = {}  # section -> the targets the config groups give it
+    for variant in VARIANTS["train"]:
+        plain = OmegaConf.to_container(_compose("train", variant, REPO), resolve=False)
+        for section in _built_sections(plain):
+            targets.setdefault(section, set()).add(OmegaConf.select(OmegaConf.create(plain), f"{section}._target_"))
+    checked, wrong = 0, []
+    for section, names in targets.items():
+        for target in names:
+            for name, parameter in _arguments(target)[0].items():
+                key = f"{section}.{name}"
+                if name in PASSED_IN_CODE or declared(key, "train"):
+                    continue  # rnnlm passes it, or the table checks it
+                arms = argument_type(parameter)
+                for value in BAD_VALUES:
+                    parsed = _parsed(value)
+                    cfg = OmegaConf.create({})
+                    OmegaConf.update(cfg, f"{section}._target_", target, force_add=True)
+                    OmegaConf.update(cfg, key, parsed, force_add=True, merge=False)
+                    problems = [p for p in problems_of(cfg, "train") if p.startswith(key)]
+                    checked += 1
+                    misfit = arms is not None and not any(accepts(parsed) for accepts, _ in arms)
+                    if misfit and not problems:
+                        wrong.append(f"+{key}={value} ({parameter.annotation}) was not refused")
+                    if not misfit and problems:
+                        wrong.append(f"+{key}={value} ({parameter.annotation}) was refused: {problems}")
+    assert not wrong, f"{len(wrong)} of {checked} cases:\n" + "\n".join(wrong[:40])
+    assert checked > 500
 
 
 @pytest.mark.slow

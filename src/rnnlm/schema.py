@@ -22,6 +22,8 @@ import inspect
 import math
 import os
 import re
+import types
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,6 +325,7 @@ def _train_settings() -> dict[str, Setting]:
         "data.min_freq": integer(1),
         "data.max_size": integer(3, null=True),
         "data.split": numbers(0, 1, length=3),
+        "data.split_by": one_of("lines", "characters"),
         "data.holdout": Setting("true (validate on held-out text) or false (validate on the training text)",
                                 lambda v: isinstance(v, bool)),
         "data.scored": one_of("all", "last"),
@@ -529,13 +532,14 @@ def _leaves(node: Mapping, table: Mapping[str, Setting], prefix: str = "") -> It
             yield key, value
 
 
-def _section_of(key: str) -> str | None:
-    """The section that builds another library's class, which ``key`` may be an argument of."""
+def _section_of(key: str) -> tuple[str, str] | None:
+    """The section that builds another library's class, and the argument of that class which ``key`` may be (or be
+    inside of: ``optimizer.betas.a`` is in ``betas``)."""
     parts = key.split(".")
     if len(parts) >= 3 and parts[0] in OPEN_SECTIONS:
-        return ".".join(parts[:2])
-    if len(parts) == 2 and parts[0] in BUILT_SECTIONS:
-        return parts[0]
+        return ".".join(parts[:2]), parts[2]
+    if len(parts) >= 2 and parts[0] in BUILT_SECTIONS:
+        return parts[0], parts[1]
     return None
 
 
@@ -544,38 +548,100 @@ PASSED_IN_CODE = {"self", "params", "optimizer"}
 
 
 @functools.cache
-def _arguments(target: str) -> tuple[set[str] | None, set[str]]:
-    """The keyword arguments the class or function at ``target`` takes (None: any), and those it requires. A class
-    that passes ``**kwargs`` on to its base takes the base's too (but requires only what it requires itself)."""
+def _arguments(target: str) -> tuple[dict[str, inspect.Parameter], set[str], bool]:
+    """The keyword arguments the class or function at ``target`` names, by name; those it requires; and whether it
+    takes any other name too (``**kwargs`` that no base class ends). A class that passes ``**kwargs`` on to its
+    base takes the base's too (but requires only what it requires itself)."""
     built = _import(target)
     if built is None:
-        return set(), set()
-    names: set[str] = set()
+        return {}, set(), False
+    found: dict[str, inspect.Parameter] = {}
     required: set[str] = set()
     for part in (inspect.getmro(built) if inspect.isclass(built) else (built,)):
         try:
-            parameters = inspect.signature(part.__init__ if inspect.isclass(part) else part).parameters.values()
+            parameters = _signature(part.__init__ if inspect.isclass(part) else part).parameters.values()
         except (TypeError, ValueError):
-            return None, required
+            return found, required, True
         named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        if not names:  # the class itself
+        if not found:  # the class itself
             required = {p.name for p in named if p.default is p.empty} - PASSED_IN_CODE
-        names |= {p.name for p in named}
+        found.update((p.name, p) for p in named if p.name not in found and p.name != "self")
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return names - {"self"}, required
-    return None, required
+            return found, required, False
+    return found, required, True
+
+
+def _signature(function: Callable) -> inspect.Signature:
+    """``function``'s signature with its annotations as types where they can be evaluated (torch writes some as
+    strings)."""
+    try:
+        return inspect.signature(function, eval_str=True)
+    except Exception:  # noqa: BLE001 - a name the annotation's module cannot resolve: keep them as strings
+        return inspect.signature(function)
+
+
+# What a YAML value can be, by the plain types an argument's annotation names; any other class in an annotation
+# (a Tensor, a Callback) is one a YAML value cannot be checked against, so that argument takes anything.
+_PLAIN_TYPES: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true/false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    type(None): (lambda v: v is None, "null"),
+    tuple: (lambda v: isinstance(v, (list, tuple)), "a list"),
+    list: (lambda v: isinstance(v, (list, tuple)), "a list"),
+    dict: (lambda v: isinstance(v, dict), "a mapping"),
+}
+
+
+def _annotated_arms(annotation: Any) -> list[tuple[Callable[[Any], bool], str]] | None:
+    """What each arm of an annotation accepts, and its name (``bool | None``: true/false, null); None if an arm is
+    a type a YAML value cannot be checked against."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        arms = [_annotated_arms(arm) for arm in typing.get_args(annotation)]
+        return None if any(arm is None for arm in arms) else [a for arm in arms for a in arm]
+    if origin is typing.Literal:
+        allowed = typing.get_args(annotation)
+        return [(lambda v: any(v == a and type(v) is type(a) for a in allowed), "one of " + "|".join(map(shown, allowed)))]
+    plain = type(None) if annotation is None else origin if origin in (tuple, list, dict) else annotation
+    return [_PLAIN_TYPES[plain]] if plain in _PLAIN_TYPES else None
+
+
+def argument_type(parameter: inspect.Parameter) -> list[tuple[Callable[[Any], bool], str]] | None:
+    """What a YAML value of the argument ``parameter`` may be, from its annotation (or, without one, its default's
+    type): a list of (accepts, name); None if that cannot be told."""
+    if parameter.annotation is not parameter.empty:
+        return _annotated_arms(parameter.annotation)
+    default = parameter.default
+    if default is parameter.empty or default is None or type(default) not in _PLAIN_TYPES:
+        return None  # no annotation and a null default: anything may be meant
+    return [_PLAIN_TYPES[type(default)]]
+
+
+def _argument_problem(key: str, value: Any, parameter: inspect.Parameter, target: str) -> str | None:
+    """Why ``value`` cannot be the argument ``parameter`` of ``target`` (``+optimizer.fused=maybe``); None if it
+    can, or if its type cannot be told."""
+    arms = argument_type(parameter)
+    if arms is None or any(accepts(value) for accepts, _ in arms):
+        return None
+    *others, last = dict.fromkeys(name for _, name in arms)
+    names = f"{', '.join(others)} or {last}" if others else last
+    return f"{key}={shown(value)} must be {names}, the type of {target}'s argument {parameter.name}"
 
 
 def _unknown_key(key: str, sections: Mapping, table: Mapping[str, Setting], command: str) -> str | None:
     """Why ``key`` (in the config, not in the table) is refused; None if it is an argument of the class its
-    section builds."""
-    section = _section_of(key)
-    if section is not None:
+    section builds and its value fits that argument's annotated type."""
+    if (found := _section_of(key)) is not None:
+        section, name = found
         target = _get(sections, f"{section}._target_")
         if isinstance(target, str):
-            arguments, _ = _arguments(target)
-            name = key.rpartition(".")[2]
-            if arguments is None or name in arguments:
+            arguments, _, takes_any = _arguments(target)
+            if name in arguments:
+                argument = f"{section}.{name}"
+                return _argument_problem(argument, _get(sections, argument), arguments[name], target)
+            if takes_any:
                 return None
             close = difflib.get_close_matches(name, sorted(arguments), n=3)
             hint = f" (did you mean {' or '.join(f'{section}.{c}' for c in close)}?)" if close else ""

@@ -13,6 +13,7 @@ import platform
 import statistics
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import hydra
@@ -274,6 +275,11 @@ def lightning_trainer(trainer: DictConfig) -> DictConfig:
         for key in MODULE_TRAINER_SETTINGS:
             trainer.pop(key, None)
         trainer.enable_model_summary = False
+        if isinstance(trainer.get("max_time"), DictConfig):  # Lightning reads a dict, but takes a DictConfig for a
+            # timedelta: give it the same duration as DD:HH:MM:SS
+            seconds = round(timedelta(**trainer.max_time).total_seconds())
+            trainer.max_time = f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:" \
+                               f"{seconds % 60:02d}"
     return trainer
 
 
