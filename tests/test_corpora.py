@@ -47,6 +47,24 @@ def test_lone_file_is_split_by_line_fractions(tmp_path):
     assert pairs[80] == ("valid", "line 80")
 
 
+def test_lone_file_is_split_by_character_fractions_as_nanogpt_splits_it(tmp_path):
+    """data.split_by=characters: train is the text's first 90% of characters and valid the rest, exactly (the line a
+    cut falls in is cut there); with a test fraction of 0 the test split is the valid text."""
+    path = tmp_path / "t.txt"
+    text = "".join(f"Line number {i} of the play.\n" * (i % 3) + "\n" for i in range(200))
+    path.write_text(text)
+    for split in ((0.9, 0.1, 0.0), (0.8, 0.15, 0.05)):
+        pairs = list(split_lines(CorpusSource("t", {"all": [path]}, split=split, split_by="characters")))
+        texts = {name: "".join(line + "\n" for s, line in pairs if s == name) for name in ("train", "valid", "test")}
+        cut = int(len(text) * split[0])
+        end = cut + int(len(text) * split[1]) if split[2] else len(text)
+        assert texts["train"] in (text[:cut], text[:cut] + "\n")  # a line cut in two ends the train split
+        assert texts["valid"] in (text[cut:end], text[cut:end] + "\n")
+        assert texts["test"] == (text[end:] if split[2] else texts["valid"])
+    lines = [s for s, _ in split_lines(CorpusSource("t", {"all": [path]}, split=(0.8, 0.2, 0.0)))]
+    assert lines.count("test") == lines.count("valid") > 0  # by lines too, a test fraction of 0 tests on valid
+
+
 def test_too_small_corpus_is_refused_not_scored_on_its_training_text(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("just one line\n" * 10)

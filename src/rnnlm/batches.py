@@ -269,7 +269,7 @@ def training_text_everywhere(source: CorpusSource) -> CorpusSource:
 
 def data_source(corpus: str | None, path: str | None, data_dir: str, cache_dir: str,
                 split: tuple[float, float, float], holdout: bool = True, download: bool = True,
-                recall: dict | None = None) -> CorpusSource:
+                recall: dict | None = None, split_by: str = "lines") -> CorpusSource:
     """Where the text of :class:`~rnnlm.datamodule.TextDataModule`'s arguments comes from (see there): the synthetic
     recall task's files, ``path``, or the named ``corpus``; with ``holdout=False`` the training text stands in for
     every split (:func:`training_text_everywhere`)."""
@@ -282,5 +282,5 @@ def data_source(corpus: str | None, path: str | None, data_dir: str, cache_dir: 
         src = path_source(Path(path).expanduser())
     else:
         src = named_source(corpus, Path(data_dir).expanduser(), allow_download=download)
-    src = dataclasses.replace(src, split=tuple(split))
+    src = dataclasses.replace(src, split=tuple(split), split_by=split_by)
     return src if holdout else training_text_everywhere(src)

@@ -142,11 +142,13 @@ CORPORA: dict[str, NamedCorpus] = {
 
 @dataclass(frozen=True)
 class CorpusSource:
-    """Resolved input: files by split, or one list of files (``all``) split by line fractions."""
+    """Resolved input: files by split, or one list of files (``all``) split by fractions of its lines (or of its
+    characters: ``split_by="characters"``)."""
 
     name: str
     files: dict[str, list[Path]]
     split: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    split_by: str = "lines"  # or "characters"
     tsv_column: str | None = None
     notes: list[str] = field(default_factory=list, compare=False)
     # published digest by file: (hashlib name, hex digest)
@@ -159,7 +161,8 @@ class CorpusSource:
                 s: [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
                 for s, paths in sorted(self.files.items())
             },
-            "split": list(self.split) if "all" in self.files else None,
+            "split": (list(self.split) if self.split_by == "lines" else [*self.split, self.split_by])
+            if "all" in self.files else None,
             "tsv_column": self.tsv_column,
         }
 
@@ -467,12 +470,15 @@ def count_lines(paths: list[Path]) -> int:
 def split_lines(source: CorpusSource) -> Iterator[tuple[str, str]]:
     """(split, line) pairs over the whole corpus, in file order.
 
-    A lone corpus is cut by line fractions: the first ``split[0]`` of the lines train, the next
-    ``split[1]`` valid, the rest test. An empty corpus gives nothing.
+    A lone corpus is cut by fractions of its lines: the first ``split[0]`` of the lines train, the next
+    ``split[1]`` valid, the rest test. With ``split_by="characters"`` the cuts fall at those fractions of its
+    characters (a line end counts as one), as nanoGPT cuts a text: the line a cut falls in is cut there, and its
+    first part ends its split as a line of its own. A test fraction of 0 gives the test split the valid split's
+    text. An empty corpus gives nothing.
 
     Raises:
-        DataError: a split would get no line (a fraction of 0, or too few lines): its scores would
-            be measured on nothing, or on the training text.
+        DataError: a split would get no text (a fraction of 0 for train or valid, or too little text): its
+            scores would be measured on nothing, or on the training text.
     """
     for path in dict.fromkeys(p for paths in source.files.values() for p in paths):  # before counting a .gz's lines
         with open(path, "rb") as fh:
@@ -483,25 +489,42 @@ def split_lines(source: CorpusSource) -> Iterator[tuple[str, str]]:
                 yield from ((split, line) for line in text_lines(path, source.tsv_column))
         return
     paths = source.files["all"]
-    n = count_text_lines(paths, source.tsv_column)
+    by_characters = source.split_by == "characters"
+
+    def lines() -> Iterator[str]:
+        return (line for path in paths for line in text_lines(path, source.tsv_column))
+
+    n = sum(len(line) + 1 for line in lines()) if by_characters else count_text_lines(paths, source.tsv_column)
     if n == 0:
         return
+    test_too = source.split[2] > 0
     n_train = int(n * source.split[0])
-    n_valid = int(n * source.split[1])
+    n_valid = int(n * source.split[1]) if test_too else n - n_train
     shown = "[" + ",".join(f"{f:g}" for f in source.split) + "]"
-    for split, lines, fraction in zip(SPLITS, (n_train, n_valid, n - n_train - n_valid), source.split, strict=True):
-        if fraction <= 0:
-            raise DataError(f"data.split={shown} gives the {split} split no lines: train, valid and test each need "
-                            "their own (scores on the training text say nothing), e.g. data.split=[0.9,0.05,0.05]")
-        if lines == 0:
+    for split, size, fraction in zip(SPLITS, (n_train, n_valid, n - n_train - n_valid), source.split, strict=True):
+        if fraction <= 0 and split != "test":
+            raise DataError(f"data.split={shown} gives the {split} split no {source.split_by}: train and valid each "
+                            "need their own (scores on the training text say nothing), e.g. data.split=[0.9,0.05,0.05]")
+        if size == 0 and fraction > 0:
             for path in paths:  # a file that is not UTF-8 says so first: that is the problem to fix
                 for _ in text_lines(path, source.tsv_column):
                     pass
-            raise DataError(f"corpus {source.name!r} has only {n} line(s), too few for data.split={shown} to give the "
+            unit = "character(s)" if by_characters else "line(s)"
+            raise DataError(f"corpus {source.name!r} has only {n} {unit}, too few for data.split={shown} to give the "
                             f"{split} split one: use a longer file or larger fractions, e.g. data.split=[0.8,0.1,0.1] "
                             "(or, to learn a few lines by heart, data.holdout=false)")
-    i = 0
-    for path in paths:
-        for line in text_lines(path, source.tsv_column):
-            yield ("train" if i < n_train else "valid" if i < n_train + n_valid else "test"), line
-            i += 1
+    ends = {"train": n_train, "valid": n_train + n_valid, "test": n}
+    done = 0  # lines, or characters, given out so far
+    for line in lines():
+        while True:
+            split = next(s for s in SPLITS if ends[s] > done)
+            room = ends[split] - done
+            whole = not by_characters or len(line) < room  # the line and its end fit before the cut
+            piece = line if whole else line[:room]
+            yield split, piece
+            if not test_too and split == "valid":
+                yield "test", piece
+            if whole:
+                done += len(line) + 1 if by_characters else 1
+                break
+            line, done = line[room:], ends[split]

@@ -32,7 +32,10 @@ class TextDataModule(L.LightningDataModule):
         test_batch_size: rows per batch on each process for the test split; ``None``: ``eval_batch_size``. In stream
             mode the columns the split is cut into, and so the context each prediction has (AWD-LSTM scores its
             test split as one column: ``test_batch_size=1``).
-        split: train/valid/test fractions of the lines of a corpus that comes as one file.
+        split: train/valid/test fractions of the lines of a corpus that comes as one file (a test fraction of 0: the
+            valid text is the test text too).
+        split_by: ``lines``, or ``characters``: ``split`` cuts the one file at fractions of its characters, as
+            nanoGPT does (:func:`rnnlm.corpora.split_lines`).
         holdout: validate and test on text held out from training (``split``, or valid.txt/test.txt); False
             validates and tests on the training text itself, for a few lines learned by heart
             (:func:`training_text_everywhere`).
@@ -59,6 +62,7 @@ class TextDataModule(L.LightningDataModule):
         min_freq: int = 1,
         max_size: int | None = None,
         split: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        split_by: str = "lines",
         holdout: bool = True,
         data_dir: str = "data",
         cache_dir: str = ".cache",
@@ -76,7 +80,8 @@ class TextDataModule(L.LightningDataModule):
 
     def source(self) -> CorpusSource:
         hp = self.hparams
-        return data_source(hp.corpus, hp.path, hp.data_dir, hp.cache_dir, hp.split, hp.holdout, hp.download, hp.recall)
+        return data_source(hp.corpus, hp.path, hp.data_dir, hp.cache_dir, hp.split, hp.holdout, hp.download, hp.recall,
+                           hp.split_by)
 
     def load(self) -> PreparedCorpus:
         """Token ids and vocabulary, tokenized on first use and cached."""

@@ -32,7 +32,7 @@ DATA_DEFAULTS = {
     "corpus": "tinyshakespeare", "path": None, "level": "char", "mode": "stream", "seq_len": 128, "batch_size": 64,
     "eval_batch_size": 10, "test_batch_size": None, "min_freq": 1, "max_size": None, "split": (0.9, 0.05, 0.05),
     "holdout": True, "data_dir": "data", "cache_dir": ".cache", "download": True, "num_workers": 0, "scored": "all",
-    "recall": None, "variable_seq_len": False, "bpe_vocab_size": 4096,
+    "recall": None, "variable_seq_len": False, "bpe_vocab_size": 4096, "split_by": "lines",
 }
 
 
@@ -52,7 +52,8 @@ def evaluate(cfg: DictConfig) -> dict:
     else:
         # the corpus as training found it, in this machine's data_dir and cache_dir (not training's)
         source = data_source(trained["corpus"], trained["path"], cfg.paths.data_dir, cfg.paths.cache_dir,
-                             trained["split"], trained["holdout"], trained["download"], trained["recall"])
+                             trained["split"], trained["holdout"], trained["download"], trained["recall"],
+                             trained["split_by"])
         split = cfg.split
     ids, unknown_chars = encode_split_counted(source, vocab, split)
     if vocab.unk_id is not None and len(ids) and (unk_share := float((ids == vocab.unk_id).mean())) > MAX_UNK_SHARE:
