@@ -219,16 +219,18 @@ def inspect_text(net: LanguageModel, vocab: Vocab, lines: list[str], layer: int 
         longest = max(len(ids) for ids, _, _ in batch)
         ids = torch.tensor([ids + [vocab.start_id] * (longest - len(ids)) for ids, _, _ in batch], device=net.device)
         tops, per_kind = [], {kind: [] for kind in kinds}
-        for outputs, states, opened in net.backbone.trace(net.embed(ids[:, :-1])):  # no dropout in eval mode
+        # Every id is read, the last too: step t's top layer predicts id t+1, and the units after step t (>= 1) are
+        # what reading id t, the (t-1)-th scored token, left.
+        for outputs, states, opened in net.backbone.trace(net.embed(ids)):  # no dropout in eval mode
             tops.append(outputs[-1])
             for name, value in zip(cell.state_names, states[layer - 1], strict=True):
                 per_kind[name].append(value)
             for name in cell.gate_names:
                 per_kind[f"{name} gate"].append(opened[layer - 1][name])
         per_kind = {kind: torch.stack(values, 1).float().cpu().numpy() for kind, values in per_kind.items()}
-        top = torch.stack(tops, 1)  # (B, T, H): the top layer after each input
+        top = torch.stack(tops[:-1], 1)  # (B, T-1, H): the top layer after each id but the last
         log_probs = net.logits(top if net.projection is None else net.projection(top)).float().log_softmax(-1)
-        target_log_probs = log_probs.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T)
+        target_log_probs = log_probs.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
         best = log_probs.topk(min(top_k, len(vocab)), -1)
         for row, (row_ids, row_pieces, row_unknown) in enumerate(batch):
             n = len(row_ids) - 1  # scored: every token after the start
@@ -238,8 +240,8 @@ def inspect_text(net: LanguageModel, vocab: Vocab, lines: list[str], layer: int 
             surprisal.append((-target_log_probs[row, :n] / math.log(2)).cpu().numpy())
             top_ids.append(best.indices[row, :n].cpu().numpy())
             top_probs.append(best.values[row, :n].exp().cpu().numpy())
-            for kind, values in per_kind.items():  # the state after input t is what reading token t left
-                activations[kind].append(values[row, :n])
+            for kind, values in per_kind.items():
+                activations[kind].append(values[row, 1:n + 1])
     totals = sentence_logprobs(net, vocab, lines, batch_size)  # rnnlm-score's own numbers
     features = token_features(pieces)
     stacked = {kind: np.concatenate(values).astype(np.float64) for kind, values in activations.items()}
