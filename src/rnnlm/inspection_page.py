@@ -6,7 +6,7 @@ The data travels inside the page as JSON in a ``<script type="application/json">
 ``&`` escaped so that no text of the user's can end that element; the script writes every piece of text into the
 page with ``textContent``, never as HTML. Activations are stored as one byte per value (each unit's values over its
 largest magnitude, in 127 steps, base64): about (units x kinds) bytes per token, which keeps a page of 5,000 tokens
-of a 2 x 512 LSTM's layer (5 kinds) near 17 MB; ``format=json`` has them unrounded.
+of a 2 x 512 LSTM's layer (5 kinds) near 17 MB; ``format=json`` has them to 6 decimals.
 """
 
 from __future__ import annotations

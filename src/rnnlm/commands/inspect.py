@@ -31,8 +31,9 @@ from rnnlm.inspection_page import render_page
 
 
 def sequences_of(cfg: DictConfig) -> list[str]:
-    """The text as the sequences it is read in, each from a fresh state: the whole text (``read=stream``), or each
-    line that is not blank (``read=lines``), as rnnlm-score reads ``text=`` and ``text_file=``."""
+    """The text as the sequences it is read in, each from a fresh state: the whole text without its final line ends
+    (``read=stream``), or each line that is not blank (``read=lines``), as rnnlm-score reads ``text=`` and
+    ``text_file=``."""
     if cfg.text is not None:
         lines = cfg.text.split("\n")
     else:
@@ -41,7 +42,7 @@ def sequences_of(cfg: DictConfig) -> list[str]:
         lines = list(read_lines(Path(cfg.text_file)))
     if cfg.read == "lines":
         return [line for line in lines if line.strip()]
-    text = "\n".join(lines)
+    text = "\n".join(lines).rstrip("\n")  # as a shell's "$(cat FILE)" gives it to rnnlm-score text=
     return [text] if text.strip() else []
 
 
