@@ -164,16 +164,16 @@ def line_tokens(vocab: Vocab, line: str) -> tuple[list[int], list[str], list[boo
     return ids, [decoder.decode(token_bytes(vocab.tokens[i])) for i in ids[1:]], [False] * (len(ids) - 1)
 
 
-def check_size(vocab: Vocab, lines: list[str], max_tokens: int) -> int:
-    """How many tokens the lines are read as.
+def check_size(vocab: Vocab, sequences: list[str], max_tokens: int) -> int:
+    """How many tokens the sequences are read as (their line ends included), counted before any is read.
 
     Raises:
         ConfigError: more than ``max_tokens``.
     """
     if vocab.level == "bpe":
-        count = sum(len(ids) for ids in vocab.encode_lines(lines))  # the line end included
+        count = sum(len(ids) for ids in vocab.encode_lines(sequences))
     else:
-        count = sum(len(line.split() if vocab.level == "word" else line) + 1 for line in lines)
+        count = sum(len(text.split() if vocab.level == "word" else text) + 1 for text in sequences)
     if count > max_tokens:
         raise ConfigError(f"the text is {count:,} tokens, more than max_tokens={max_tokens}: inspect a shorter "
                           f"passage (the page stays quick up to about 5,000 tokens), or raise max_tokens")
@@ -194,10 +194,10 @@ def layer_cell(net: LanguageModel, layer: int | None) -> RecurrentCell:
 
 
 @torch.no_grad()
-def inspect_text(net: LanguageModel, vocab: Vocab, lines: list[str], layer: int | None = None, top_k: int = 5,
+def inspect_text(net: LanguageModel, vocab: Vocab, sequences: list[str], layer: int | None = None, top_k: int = 5,
                  finder_units: int = 3, batch_size: int = 64) -> Inspection:
-    """Read each of ``lines`` from a fresh state with ``net`` as rnnlm-score reads a line (a line may hold line ends:
-    :func:`line_tokens`) and record what :class:`Inspection` holds, for layer ``layer``
+    """Read each of ``sequences`` from a fresh state with ``net`` as rnnlm-score reads a line (one may hold line
+    ends: :func:`line_tokens`) and record what :class:`Inspection` holds, for layer ``layer``
     (1-based; None: the top layer). Each layer is stepped one token at a time by its cell's own step
     (:meth:`rnnlm.stack.RecurrentStack.trace`), so every cell and form, a user's too, shows its states and gates.
 
@@ -209,14 +209,14 @@ def inspect_text(net: LanguageModel, vocab: Vocab, lines: list[str], layer: int 
     cell = layer_cell(net, layer)
     cells = list(net.backbone.cells)
     layer = cells.index(cell) + 1
-    if not lines:
+    if not sequences:
         raise ConfigError("the text is empty: give text=... or a text_file with a line that is not blank")
     net.eval()
     kinds = [*cell.state_names, *(f"{g} gate" for g in cell.gate_names)]
     pieces, first, unknown, surprisal, top_ids, top_probs = [], [], [], [], [], []
     activations: dict[str, list[np.ndarray]] = {kind: [] for kind in kinds}
-    for start in range(0, len(lines), batch_size):
-        batch = [line_tokens(vocab, line) for line in lines[start:start + batch_size]]
+    for start in range(0, len(sequences), batch_size):
+        batch = [line_tokens(vocab, text) for text in sequences[start:start + batch_size]]
         longest = max(len(ids) for ids, _, _ in batch)
         ids = torch.tensor([ids + [vocab.start_id] * (longest - len(ids)) for ids, _, _ in batch], device=net.device)
         tops, per_kind = [], {kind: [] for kind in kinds}
@@ -243,7 +243,7 @@ def inspect_text(net: LanguageModel, vocab: Vocab, lines: list[str], layer: int 
             top_probs.append(best.values[row, :n].exp().cpu().numpy())
             for kind, values in per_kind.items():
                 activations[kind].append(values[row, 1:n + 1])
-    totals = sentence_logprobs(net, vocab, lines, batch_size)  # rnnlm-score's own numbers
+    totals = sentence_logprobs(net, vocab, sequences, batch_size)  # rnnlm-score's own numbers
     features = token_features(pieces)
     stacked = {kind: np.concatenate(values).astype(np.float64) for kind, values in activations.items()}
     measured = ~np.array(first)  # every unit marks the step from a fresh state: a line start is no finding
@@ -254,7 +254,7 @@ def inspect_text(net: LanguageModel, vocab: Vocab, lines: list[str], layer: int 
         unknown=unknown, surprisal=np.concatenate(surprisal), top_ids=np.concatenate(top_ids),
         top_probs=np.concatenate(top_probs), labels=token_labels(vocab), activations=stacked, features=features,
         finder=finder, constant=constant, log_prob=sum(lp for lp, _ in totals), scored=sum(n for _, n in totals),
-        characters=sum(vocab.text_characters(line) for line in lines), sequences=len(lines))
+        characters=sum(vocab.text_characters(text) for text in sequences), sequences=len(sequences))
 
 
 def token_features(pieces: list[str]) -> dict[str, np.ndarray]:
@@ -276,8 +276,8 @@ def find_units(activations: dict[str, np.ndarray], features: dict[str, np.ndarra
     matches, constant = [], []
     for name, values in features.items():
         defined = ~np.isnan(values)
-        feature = values[defined] - values[defined].mean()
-        if not defined.any() or not feature.any():
+        feature = values[defined] - values[defined].mean() if defined.any() else values[defined]
+        if not feature.any():  # the same at every token, or at none
             constant.append(name)
             continue
         found = []
