@@ -88,8 +88,9 @@ def test_surprisal_sums_to_the_loss_rnnlm_score_reports(cell, level):
                                   for piece in inspection.pieces]
 
 
-@pytest.mark.parametrize("cell", list(BUILT_IN))
-def test_the_units_are_the_states_of_a_forward_pass(cell):
+@pytest.mark.parametrize("cell", [*BUILT_IN, "examples.indrnn:IndRNN"])  # a user's cell too
+def test_the_units_are_the_states_of_a_forward_pass(cell, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
     vocab = _vocab("char")
     net = _net(vocab, cell, layers=2)
     ids = torch.tensor([vocab.encode_text(TEXT) + [vocab.line_end_id]])  # the start, then the scored tokens
