@@ -35,14 +35,15 @@ from rnnlm.schema import (
     settings_table,
 )
 
-COMMANDS = ("train", "eval", "generate", "score", "export")
+COMMANDS = ("train", "eval", "generate", "score", "export", "inspect")
 # Typed on a command line, each of these reaches the config as Hydra parses it: a word, a negative number, zero,
 # a huge number, NaN, infinity, an empty text, a list for a scalar, null, a boolean, a dict.
 BAD_VALUES = ("abc", "-1", "0", "1e30", "123456789012", "nan", "-inf", "''", "[1,2]", "null", "true", "{a: 1}")
 # Group choices whose keys differ: each one's keys are fuzzed too.
 VARIANTS = {"train": ([], ["optimizer=sgd", "scheduler=multistep", "data=recall", "callbacks=diagnostics",
                            "logger=many", "trainer=ddp"], ["optimizer=ntasgd", "scheduler=step"]),
-            "eval": ([],), "generate": ([],), "score": (["text=the cat sat"],), "export": ([],)}
+            "eval": ([],), "generate": ([],), "score": (["text=the cat sat"],), "export": ([],),
+            "inspect": (["text=the cat sat"],)}
 _PARSER = OverridesParser.create()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
+from rnnlm.reference import CHECKOUT_SCRIPTS
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
@@ -62,7 +63,8 @@ def quoted_commands(page: Path) -> list[tuple[str, list[str]]]:
             match = COMMAND.match(line)
             if match:  # a synopsis's optional parts, [key=value], are left out
                 arguments = [a for a in shlex.split(match[3] or "", comments=True) if not re.fullmatch(r"\[.*\]", a)]
-                found.append((match[1] or match[2], arguments))
+                script = {name: command for command, name in CHECKOUT_SCRIPTS.items()}.get(match[1], match[1])
+                found.append((script or match[2], arguments))
     return found
 
 

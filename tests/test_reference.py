@@ -12,6 +12,7 @@ import pytest
 from helpers import REPO
 from rnnlm import reference
 from rnnlm.reference import (
+    CHECKOUT_SCRIPTS,
     COMMANDS,
     HIDDEN,
     UPDATE,
@@ -33,8 +34,9 @@ TRAINING_ONLY = ("experiment", "trainer", "_recurrent", "optimizer", "scheduler"
 
 
 def _help(command: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "src" / f"{command}.py"), *args, "--help"], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    script = REPO / "src" / f"{CHECKOUT_SCRIPTS.get(command, command)}.py"
+    return subprocess.run([sys.executable, str(script), *args, "--help"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
 
 
 def _own_keys(command: str) -> list[str]:

@@ -103,9 +103,10 @@ def test_score_cli_refuses_when_no_candidate_is_known(word_run):
         assert result.stderr.startswith("error: ") and message in result.stderr
 
 
-@pytest.mark.parametrize("command", ["score", "generate", "eval"])
+@pytest.mark.parametrize("command", ["score", "generate", "eval", "inspect"])
 def test_the_inference_commands_do_not_import_lightning(command):
-    """Lightning takes seconds to import, and scoring, generating from or evaluating a checkpoint does not need it."""
+    """Lightning takes seconds to import, and scoring, generating from, evaluating or inspecting a checkpoint does
+    not need it."""
     code = f"import sys, rnnlm.commands.{command}; print(sorted(m for m in sys.modules if m.startswith('lightning')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -292,5 +292,11 @@ def check_export_config(cfg: DictConfig) -> None:
     check_settings(cfg, "export")
 
 
+def check_inspect_config(cfg: DictConfig) -> None:
+    check_settings(cfg, "inspect")
+    if (cfg.text is None) == (cfg.text_file is None):
+        raise ConfigError("give text=... or text_file=FILE, one of the two")
+
+
 CHECKS = {"train": check_train_config, "eval": check_eval_config, "generate": check_generate_config,
-          "score": check_score_config, "export": check_export_config}
+          "score": check_score_config, "export": check_export_config, "inspect": check_inspect_config}

@@ -57,21 +57,12 @@ def gradient_flow(net: LanguageModel, inputs: Tensor, targets: Tensor) -> tuple[
     try:
         with torch.enable_grad():
             x = net.embed(inputs)  # (B, T, E)
-            states = list(net.backbone.zero_state(inputs.size(0), x))  # each layer's state: h (and c, ...)
             hidden, gates = [], {name: [] for name in cells[0].gate_names}
-            for t in range(inputs.size(1)):
-                layer_input, row, opened = x[:, t], [], {name: [] for name in gates}
-                for k, cell in enumerate(cells):
-                    if gates and cell.hidden_size == cells[0].hidden_size:
-                        with torch.no_grad():
-                            for name, value in cell.gates(layer_input, states[k]).items():
-                                opened[name].append(value)
-                    h, states[k] = cell.step(layer_input, states[k])  # h: (B, H)
-                    row.append(h)
-                    layer_input = h  # the one node that layer k+1 reads now and layer k reads at t+1
-                hidden.append(row)
-                for name, values in opened.items():
-                    gates[name].append(torch.stack(values))  # (layers, B, H)
+            for outputs, _, opened in net.backbone.trace(x):  # each layer's h at this step: one node each
+                hidden.append(outputs)
+                for name, values in gates.items():
+                    values.append(torch.stack([layer[name] for layer, cell in zip(opened, cells, strict=True)
+                                               if cell.hidden_size == cells[0].hidden_size]))  # (layers, B, H)
             top = hidden[-1][-1].unsqueeze(1)  # (B, 1, H): the top layer after the last token
             features = top if net.projection is None else net.projection(top)
             total, count = net.summed_loss(features, targets[:, -1:])

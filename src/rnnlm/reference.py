@@ -24,7 +24,10 @@ from typing import Any
 
 from rnnlm import CONF_DIR
 
-COMMANDS = ("train", "eval", "generate", "score", "export")  # the Hydra commands; rnnlm-report reads plain arguments
+COMMANDS = ("train", "eval", "generate", "score", "export", "inspect")  # Hydra's; rnnlm-report reads plain arguments
+# A command's script in a checkout is src/<command>.py, but for these: a src/inspect.py would stand in for Python's
+# own inspect module in every script of src/ (a script's folder comes first on the module search path).
+CHECKOUT_SCRIPTS = {"inspect": "inspect_model"}
 UPDATE = "python -m rnnlm.reference > docs/configuration.md"
 HIDDEN = ("_target_", "_partial_")  # how a section is built, not a setting to change: shown as the choice's class
 
@@ -312,7 +315,8 @@ def _group_section(group: str) -> list[str]:
 def _command_section(command: str) -> list[str]:
     cfg, chosen = composed(command)
     doc = config_file(None, command)
-    lines = [f"## rnnlm-{command}", "", f"`conf/{command}.yaml`; `python src/{command}.py` in a checkout.", ""]
+    script = CHECKOUT_SCRIPTS.get(command, command)
+    lines = [f"## rnnlm-{command}", "", f"`conf/{command}.yaml`; `python src/{script}.py` in a checkout.", ""]
     lines += _header_markdown(doc.header)
     own = [(key, value) for key, value in leaves(cfg)
            if key.partition(".")[0] not in groups(command) and key.rpartition(".")[2] not in HIDDEN]

@@ -471,6 +471,27 @@ def _score_settings() -> dict[str, Setting]:
     }
 
 
+def _inspect_settings() -> dict[str, Setting]:
+    return {
+        "ckpt_path": CHECKPOINT_PATH,
+        "text": text(null=True),
+        "text_file": existing_file(null=True),
+        "read": one_of("stream", "lines"),
+        "format": one_of("html", "json"),
+        "output": OUTPUT,
+        "overwrite": flag(),
+        "layer": integer(1, MAX_LAYERS, null=True),
+        "units": Setting("a list of unit numbers (integers >= 0), e.g. [3, 17], or []",
+                         lambda v: isinstance(v, (list, ListConfig)) and all(_is_int(u) and u >= 0 for u in v)),
+        "top_k": integer(1, 1_000),
+        "finder_units": integer(1, 1_000),
+        "max_tokens": integer(1),
+        "batch_size": integer(1),
+        "device": DEVICE,
+        **PATHS,
+    }
+
+
 def _export_settings() -> dict[str, Setting]:
     from rnnlm.exporting import FORMATS
 
@@ -485,7 +506,7 @@ def _export_settings() -> dict[str, Setting]:
 
 TABLES: dict[str, Callable[[], dict[str, Setting]]] = {
     "train": _train_settings, "eval": _eval_settings, "generate": _generate_settings, "score": _score_settings,
-    "export": _export_settings,
+    "export": _export_settings, "inspect": _inspect_settings,
 }
 # Sections that build another library's class from `_target_` (or a user's): a key that is not in the table may
 # still be one of its arguments. rnnlm's own model and data take exactly the keys the table lists.
@@ -496,8 +517,8 @@ OPEN_SECTIONS = ("logger", "callbacks")
 
 @functools.cache
 def settings_table(command: str) -> dict[str, Setting]:
-    """The declared settings of ``command`` (train, eval, generate, score, export), by key (``*`` stands for any
-    name)."""
+    """The declared settings of ``command`` (train, eval, generate, score, export, inspect), by key (``*`` stands
+    for any name)."""
     return TABLES[command]()
 
 

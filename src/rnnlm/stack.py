@@ -3,7 +3,7 @@ between layers, a backward direction that reads the sequence reversed, and the s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -98,6 +98,30 @@ class RecurrentStack(nn.Module):
         """:meth:`step` for generating ``batch`` rows, through each cell's
         :meth:`~rnnlm.cells.RecurrentCell.stepper` (made now, from the weights as they are now)."""
         return partial(self._step, [cell.stepper(batch) for cell in self.cells])
+
+    def trace(self, x: Tensor, state: State | None = None
+              ) -> Iterator[tuple[list[Tensor], State, list[dict[str, Tensor]]]]:
+        """Step a one-directional stack through x (B, T, I) one time step at a time, every layer by its cell's own
+        :meth:`~rnnlm.cells.RecurrentCell.step` (eval mode: no dropout between layers), to look at each layer at
+        each step; this works for every cell and form, a user's too.
+
+        Yields, for each step: each layer's output h (B, H), which is the one node that the layer above reads now
+        and the layer itself reads at the next step (a gradient through it counts both paths); every cell's state
+        after the step (:mod:`rnnlm.state`); and each layer's gates at the step, by name
+        (:meth:`~rnnlm.cells.RecurrentCell.gates` of its input and its state before the step, computed without
+        gradients: they are looked at, never differentiated).
+        """
+        if self.directions != 1:
+            raise ValueError("a bidirectional stack cannot step: its backward direction reads the sequence's end first")
+        states = list(self.zero_state(x.size(0), x) if state is None else state)
+        for layer_input in x.unbind(1):
+            outputs, opened = [], []
+            for k, cell in enumerate(self.cells):
+                with torch.no_grad():
+                    opened.append(cell.gates(layer_input, states[k]))
+                layer_input, states[k] = cell.step(layer_input, states[k])  # (B, H)
+                outputs.append(layer_input)
+            yield outputs, tuple(states), opened
 
     def _step(self, steps: list[Step], x: Tensor, state: State | None) -> tuple[Tensor, State]:
         if self.directions != 1:
