@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "race")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink every budget (a quick check of the script)")
+    parser.add_argument("--only", choices=["rnnlm", "nanoGPT"], help="run one side only")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("RNNLM_DATA_DIR", REPO / "data")))
     args = parser.parse_args()
     nanogpt = args.nanogpt.resolve()
@@ -219,7 +220,9 @@ def main() -> None:
             work.mkdir(parents=True, exist_ok=True)
             sides = [("rnnlm", rnnlm_run, (minutes, work, args.scale, round_ + 1)),
                      ("nanoGPT", nanogpt_run, (nanogpt, minutes, work, args.scale))]
-            for _, run, arguments in sides if round_ % 2 == 0 else sides[::-1]:
+            for name, run, arguments in sides if round_ % 2 == 0 else sides[::-1]:
+                if args.only not in (None, name):
+                    continue
                 results.append(run(*arguments) | {"round": round_ + 1})
                 print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
             write_report(results, args.out)

@@ -207,6 +207,7 @@ def test_every_bad_value_of_every_key_works_or_is_refused_naming_the_key(command
         ("train", ["+trainer.profilr=simple"], "trainer.profilr is not an argument of lightning.pytorch.Trainer "
                                                "(did you mean trainer.profiler?)"),
         ("train", ["+model.foo=1"], "model.foo is not a setting of rnnlm-train"),
+        ("train", ["-m", "model=rnn,gru", "--cfg", "job"], "-m and --cfg cannot be given together"),
         ("train", ["+optimizer.fused=maybe"], "optimizer.fused=maybe must be true/false or null, the type of "
                                               "torch.optim.AdamW's argument fused"),
         ("train", ["optimizer=sgd", "+optimizer.nesterov=1"], "optimizer.nesterov=1 must be true/false"),

@@ -125,8 +125,11 @@ class Inspection:
         return {
             "level": self.level, "cell": self.cell, "layer": self.layer, "layers": self.layers,
             "sequences": self.sequences, "tokens": self.scored, "characters": self.characters,
-            "log_prob": self.log_prob, "bits_per_character": self.bits_per_character, "perplexity": self.perplexity,
-            "token": [{"text": piece, "first": first, "unknown": unknown, "surprisal": bits,
+            **{name: value if math.isfinite(value) else None for name, value in (
+                ("log_prob", self.log_prob), ("bits_per_character", self.bits_per_character),
+                ("perplexity", self.perplexity))},
+            "token": [{"text": piece, "first": first, "unknown": unknown,
+                       "surprisal": bits if math.isfinite(bits) else None,  # null: a probability of 0 (JSON has no inf)
                        "top": [[self.labels[i], p] for i, p in zip(ids, probs, strict=True)]}
                       for piece, first, unknown, bits, ids, probs in zip(
                           self.pieces, self.first, self.unknown, self.surprisal.tolist(), self.top_ids.tolist(),

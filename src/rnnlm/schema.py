@@ -624,7 +624,8 @@ def _annotated_arms(annotation: Any) -> list[tuple[Callable[[Any], bool], str]] 
         return None if any(arm is None for arm in arms) else [a for arm in arms for a in arm]
     if origin is typing.Literal:
         allowed = typing.get_args(annotation)
-        return [(lambda v: any(v == a and type(v) is type(a) for a in allowed), "one of " + "|".join(map(shown, allowed)))]
+        names = "one of " + "|".join(map(shown, allowed))
+        return [(lambda v: any(v == a and type(v) is type(a) for a in allowed), names)]
     plain = type(None) if annotation is None else origin if origin in (tuple, list, dict) else annotation
     return [_PLAIN_TYPES[plain]] if plain in _PLAIN_TYPES else None
 

@@ -232,6 +232,12 @@ def check_command_line(config_name: str, argv: list[str]) -> DictConfig | None:
         ConfigError: the message says what to change.
     """
     args = get_args_parser().parse_args(cell_command_line(argv) if config_name == "train" else argv)
+    modes = [flag for flag, given in (("-m", args.multirun), ("--run", args.run), ("--cfg", args.cfg is not None),
+                                      ("--info", args.info is not None), ("--shell-completion", args.shell_completion))
+             if given]
+    if len(modes) > 1:  # Hydra refuses these with a traceback
+        raise ConfigError(f"{' and '.join(modes)} cannot be given together: Hydra does one of them (to see a sweep's "
+                          "config, give --cfg job with one value of each swept key, without -m)")
     if (args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun
             or args.config_dir or args.config_path):
         return None

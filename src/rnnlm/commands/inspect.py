@@ -67,7 +67,7 @@ def inspect_checkpoint(cfg: DictConfig) -> tuple[Path, Inspection]:
     inspection = inspect_text(loaded.net, loaded.vocab, sequences, cfg.layer, cfg.top_k, cfg.finder_units,
                               cfg.batch_size)
     if cfg.format == "json":
-        data = json.dumps(inspection.to_json(), ensure_ascii=False) + "\n"
+        data = json.dumps(inspection.to_json(), ensure_ascii=False, allow_nan=False) + "\n"
     else:
         data = render_page(inspection, Path(ckpt_path).name, list(cfg.units))
     write_atomically(output, data, elsewhere="output=FILE")
