@@ -152,6 +152,7 @@ def test_the_vanishing_experiment_sweeps_cells_and_depths_and_the_report_draws_t
     # seed=1: one of the preset's three seeds (the command line wins over a preset's sweep)
     tiny = ["seed=1", "model.hidden_size=16", "model.embedding_dim=8", "data.seq_len=12", "data.batch_size=4",
             "data.eval_batch_size=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=2",  # not all of tiny Shakespeare's validation text, 6 times
             "callbacks.gradient_flow.every_n_steps=1", "trainer.accelerator=cpu", "~callbacks.text_samples"]
     done = subprocess.run([sys.executable, str(REPO / "src" / "train.py"), "experiment=vanishing", *tiny,
                            f"paths.data_dir={shared_data}", f"paths.cache_dir={cache_dir}",
