@@ -120,7 +120,8 @@ def test_a_checkpoint_stores_the_network_once(make_cfg, tiny_corpus):
 
 
 @pytest.mark.parametrize("override", ["hydra/launcher=slurm", "hydra/launcher=submitit_local",
-                                      "hydra/launcher=joblib", "hparams_search=optuna"])
+                                      "hydra/launcher=joblib", "hparams_search=optuna",
+                                      "hparams_search=long_range"])
 def test_sweep_settings_compose_and_name_installed_plugins(override):
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import _locate
@@ -132,3 +133,6 @@ def test_sweep_settings_compose_and_name_installed_plugins(override):
     assert _locate(node._target_) is not None  # the plugin is installed and the class is where the config says
     if override == "hparams_search=optuna":
         assert {"optimizer.lr", "model.dropout"} <= set(cfg.hydra.sweeper.params)
+    if override == "hparams_search=long_range":  # one seed, one distance; what suits each cell
+        assert set(cfg.hydra.sweeper.params) == {"seed", "data.recall.distance", "optimizer.lr",
+                                                 "trainer.gradient_clip_val", "model.init_range"}

@@ -85,9 +85,20 @@ def test_equal_budgets_give_the_cells_the_same_recurrent_parameters():
         assert abs(recurrent(cell, equal_budget(cell, 16, 64)) / lstm - 1) < 0.03, cell
 
 
-def test_the_long_range_experiment_sweeps_cells_and_distances():
+def test_the_long_range_experiment_sweeps_seeds_cells_and_distances_each_cell_with_its_own_settings():
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=long_range"], return_hydra_config=True)
+        rnn = compose("train", overrides=["experiment=long_range", "model=rnn"])
+        mingru = compose("train", overrides=["experiment=long_range", "model=mingru"])
+        given = compose("train", overrides=["experiment=long_range", "model=mingru", "optimizer.lr=0.004"])
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    assert dict(cfg.hydra.sweeper.params) == {"model": "rnn,lstm,gru", "data.recall.distance": "5,10,20,50,100"}
+    assert dict(cfg.hydra.sweeper.params) == {"seed": "1,2,3", "model": "rnn,lstm,gru",
+                                              "data.recall.distance": "5,10,20,50,100,200"}
     assert cfg.model.hidden_size == equal_budget(cfg.model.cell, 16, 64) == 64  # the default model is the LSTM
+    assert cfg.data.seq_len >= 200 + 3  # the longest lines fit
+    # what each cell's search chose (docs/results.md)
+    assert (rnn.optimizer.lr, rnn.trainer.gradient_clip_val, rnn.model.init_range) == (0.0019, 1.0, 1.0)
+    assert (cfg.optimizer.lr, cfg.trainer.gradient_clip_val, cfg.model.init_range) == (0.0082, 0.25, 1.0)
+    with pytest.raises(Exception, match="for model=rnn, lstm, gru only, not for model.cell=mingru: give one"):
+        mingru.optimizer.lr  # noqa: B018  a cell without a search: the error says to give the value
+    assert given.optimizer.lr == 0.004

@@ -6,6 +6,8 @@ import functools
 import importlib.util
 import math
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -243,6 +245,19 @@ def equal_budget(cell: str, input_size: int, lstm_units: int) -> int:
     if a == 0:
         return max(1, round((budget - c) / b))
     return max(1, round((-b + math.sqrt(b * b - 4 * a * (c - budget))) / (2 * a)))
+
+
+def per_cell(cell: str, values: Mapping) -> Any:
+    """The setting in ``values`` for ``cell`` (``${rnnlm.per_cell:${model.cell},{rnn: 0.001, gru: 0.003}}`` in the
+    configs): what suits each cell, such as the learning rates experiment=long_range found for each.
+
+    Raises:
+        ConfigError: ``values`` has no setting for ``cell``.
+    """
+    if cell not in values:
+        raise ConfigError(f"the config has a value for model={', '.join(values)} only, not for model.cell={cell}: "
+                          "give one on the command line")
+    return values[cell]
 
 
 def _memory(cfg: DictConfig) -> tuple[int, str]:

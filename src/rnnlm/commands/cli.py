@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rnnlm import CONF_DIR
 from rnnlm.checkpoint import written_by_torch
-from rnnlm.checks import equal_budget
+from rnnlm.checks import equal_budget, per_cell
 from rnnlm.errors import ConfigError, UserError
 
 # The stream loader is an IterableDataset with a length, read without worker processes, so the
@@ -81,6 +81,7 @@ for _name, _starts in QUIET_LOG_LINES.items():
     logging.getLogger(_name).addFilter(QuietLines(_starts))
 
 OmegaConf.register_new_resolver("rnnlm.equal_budget", equal_budget, replace=True)  # experiment=long_range
+OmegaConf.register_new_resolver("rnnlm.per_cell", per_cell, replace=True)  # experiment=long_range
 LISTED_SWEEPS = (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
 T = TypeVar("T")
 

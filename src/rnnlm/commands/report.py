@@ -7,6 +7,12 @@ equal time budgets, ``trainer.max_time``) and, for jobs trained with ``callbacks
 ``gradient_flow.png`` (how far back each one's gradient reaches). Nothing is re-run: each job's
 ``run_summary.json`` and its TensorBoard events (or ``csv/metrics.csv``) are read.
 
+Seeds: jobs whose swept values differ only in ``seed`` are repeats of one setting (``python src/train.py -m
+seed=1,2,3 model=rnn,gru``; a job left at the config's seed joins them). ``summary.md`` then opens with one row per
+group: each metric's mean ± sample standard deviation over the group's n finished jobs (``summary_seeds.csv``: mean,
+std and n in columns of their own); the figures draw each group's mean with a band of ± one standard deviation
+(accuracy against distance: error bars). The per-job rows stay in ``summary.csv`` and below in ``summary.md``.
+
 The files go into the sweep folder, or into ``--output DIR``; a sweep folder this user cannot write to sends
 them to ``./report-<sweep>/``. A sweep that was damaged still gets its report: a job whose files cannot be
 read is a row with status ``damaged`` and what is wrong (``error`` column), a job the sweep launched whose
@@ -24,6 +30,7 @@ import logging
 import math
 import os
 import re
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -38,6 +45,7 @@ from rnnlm.loss import loss_in_units
 log = logging.getLogger(__name__)
 
 SKIPPED_OVERRIDES = ("hydra.", "paths.")  # where things go, not what was compared
+SEED = "seed"  # jobs that differ only in it are repeats of one setting: a group, shown as mean ± std
 GRADIENT_FLOW_FILE = "gradient_flow.csv"  # written by rnnlm.diagnostics.GradientFlow
 SUMMARY_FILE = "run_summary.json"  # written by rnnlm.commands.train
 PLAN_FILE = "multirun.yaml"  # written by Hydra into the sweep folder: the sweep's config and overrides
@@ -66,6 +74,7 @@ class Job:
     values: dict[str, str] = field(default_factory=dict)  # its overrides, as typed
     summary: dict = field(default_factory=dict)  # its run_summary.json
     level: str | None = None  # data.level: char, word or bpe
+    keys: int | None = None  # data.recall.keys of the recall task (chance: 1/keys)
     logged: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # see curves()
     timed: list[tuple[float, float]] = field(default_factory=list)  # see timed_curve()
     flow: tuple[int, list[float]] | None = None  # the last step of gradient_flow.csv and its norms by k
@@ -80,6 +89,35 @@ class Job:
     @property
     def readable(self) -> bool:
         return self.folder is not None and not self.problems
+
+
+@dataclass
+class Group:
+    """Jobs whose swept values differ only in the seed: repeats of one setting. Without a swept seed each job is a
+    group of its own."""
+
+    values: dict[str, str]  # the swept values its jobs share (all but the seed)
+    jobs: list[Job]
+    counted: list[Job]  # those its means, bands and error bars are made of
+
+    @property
+    def left_out(self) -> list[Job]:
+        return [job for job in self.jobs if job not in self.counted]
+
+
+def seed_groups(jobs: list[Job], swept: list[str]) -> list[Group]:
+    """The sweep's jobs grouped by every swept value but the seed, in job order. A group counts its jobs that
+    finished (status ``ok``): a damaged, missing, failed or unfinished one is left out of its means. Without a swept
+    seed each job is a group of its own, counted whenever its files can be read, as a finished job is."""
+    if SEED not in swept:
+        return [Group({k: job.values.get(k, "") for k in swept}, [job], [job] if job.readable else []) for job in jobs]
+    others = [key for key in swept if key != SEED]
+    grouped: dict[tuple, list[Job]] = {}
+    for job in jobs:  # a job whose overrides are unknown is a group of its own: it cannot be placed
+        key = tuple(job.values.get(k, "") for k in others) if job.values else ("job", job.name)
+        grouped.setdefault(key, []).append(job)
+    return [Group({k: members[0].values.get(k, "") for k in others}, members,
+                  [job for job in members if job.readable and job.status == "ok"]) for members in grouped.values()]
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -247,6 +285,8 @@ def load_job(folder: Path) -> Job:
     job.summary = attempt(lambda: _read_summary(folder), {})
     data = config.get("data")
     job.level = job.summary.get("level") or (data.get("level") if isinstance(data, dict) else None)
+    recall = data.get("recall") if isinstance(data, dict) else None
+    job.keys = recall.get("keys") if isinstance(recall, dict) else None
     logged = attempt(lambda: curves(folder), None)
     if logged is not None:  # else its events are damaged: said once
         job.logged, job.timed = logged, attempt(lambda: timed_curve(folder), [])
@@ -412,10 +452,53 @@ def output_folder(sweep: Path, output: Path | None = None) -> Path:
     return output
 
 
+def group_row(group: Group, rows: dict[str, dict], metrics: list[str]) -> dict:
+    """One row of the table of groups: the swept values its jobs share, ``n`` (the jobs counted), the jobs left out
+    and why, and each metric's values over the counted jobs (a list: see :func:`_mean_std`)."""
+    row: dict = {**group.values, "n": len(group.counted),
+                 "left out": ", ".join(f"{job.name} ({job.status})" for job in group.left_out)}
+    for metric in metrics:
+        row[metric] = [value for job in group.counted
+                       if isinstance(value := rows[job.name].get(metric), int | float) and math.isfinite(value)]
+    return row
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1 in the denominator); None where too few values."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _mean_cell(column: str, values: list[float], n: int) -> str:
+    """``mean ± std`` of a metric over a group's jobs; one value when they all agree (a parameter count), and how
+    many jobs gave it when some of the group's did not log it."""
+    mean, std = _mean_std(values)
+    if mean is None:
+        return ""
+    text = _cell(column, values[0]) if len(set(values)) == 1 else f"{_cell(column, mean)} ± {_cell(column, std)}"
+    return text if len(values) == n else f"{text} (n={len(values)})"
+
+
+def _csv_text(rows: list[dict], columns: list[str]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def _md_table(cells: list[list[str]], columns: list[str]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells)]
+
+
 def write_report(sweep: Path, output: Path | None = None) -> list[Path]:
     """Write summary.csv, summary.md and curves.png (and curves_time.png from TensorBoard events,
     gradient_flow.png when its jobs measured it, ``callbacks=diagnostics``, answer_accuracy.png for a sweep over
-    data.recall's distance) into ``output`` (see :func:`output_folder`); return their paths.
+    data.recall's distance) into ``output`` (see :func:`output_folder`); return their paths. A sweep over ``seed``
+    also gets summary_seeds.csv, and summary.md a table of its groups first (:func:`seed_groups`): each metric's
+    mean ± sample standard deviation and n; its figures draw each group's mean with a band or error bars.
 
     Raises:
         ReportError: ``sweep`` holds no job folders, or there is nowhere to write.
@@ -427,37 +510,55 @@ def write_report(sweep: Path, output: Path | None = None) -> list[Path]:
     swept, shared = varying_overrides(jobs)
     rows = [job_row(job, swept) for job in jobs]
     columns = list(dict.fromkeys(key for row in rows for key in row if key != "error")) + ["error"]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    written = [write_atomically(out / "summary.csv", text.getvalue())]
+    written = [write_atomically(out / "summary.csv", _csv_text(rows, columns))]
     lines = [f"Sweep `{sweep.name}`: {len(rows)} jobs"]
     broken = {status: sum(job.status == status for job in jobs) for status in ("damaged", "missing")}
     if any(broken.values()):
         lines[0] += " (" + ", ".join(f"{n} {status}" for status, n in broken.items() if n) + ")"
     if shared:
         lines[0] += ", all with " + " ".join(f"`{k}={v}`" for k, v in shared.items())
-    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(c, row.get(c)).replace("|", "\\|") for c in columns) + " |" for row in rows]
+    groups = seed_groups(jobs, swept)
+    if SEED in swept:
+        by_name = {row["job"]: row for row in rows}
+        metrics = [c for c in columns if c not in ("job", "status", "error", *swept)]
+        grouped = [group_row(group, by_name, metrics) for group in groups]
+        keys = [*groups[0].values, "n"]
+        flat_columns = [*keys, *(f"{m} {what}" for m in metrics for what in ("mean", "std", "n")), "left out"]
+        flat = [dict(zip(flat_columns, [*(row[k] for k in keys), *(v for m in metrics for v in (*_mean_std(row[m]),
+                                                                                              len(row[m]))),
+                                        row["left out"]], strict=True)) for row in grouped]
+        written.append(write_atomically(out / "summary_seeds.csv", _csv_text(flat, flat_columns)))
+        left_out = ["left out"] if any(row["left out"] for row in grouped) else []  # job (why), as summary.csv says
+        lines += ["", "Over seeds: each metric's mean ± sample standard deviation over the n jobs of a group that "
+                  "finished (status ok)" + ("; the jobs left out, and why, in the last column." if left_out else "."),
+                  ""]
+        lines += _md_table([[*(str(row[k]) for k in keys), *(_mean_cell(m, row[m], row["n"]) for m in metrics),
+                             *(row[c] for c in left_out)] for row in grouped], [*keys, *metrics, *left_out])
+        lines += ["", "Each job:"]
+    lines += [""] + _md_table([[_cell(c, row.get(c)) for c in columns] for row in rows], columns)
     written.append(write_atomically(out / "summary.md", "\n".join(lines) + "\n"))
     for job in jobs:
         if not job.readable:
             log.warning("note: job %s is %s: %s", job.name, job.status, "; ".join(job.problems))
-    readable = [job for job in jobs if job.readable]
-    written.append(_plot(readable, swept, out / "curves.png"))
-    if any(job.timed for job in readable):
-        written.append(_plot_against_time(readable, swept, out / "curves_time.png"))
-    if any(job.flow for job in readable):
-        written.append(_plot_gradient_flow(readable, swept, out / "gradient_flow.png"))
+    counted = [job for group in groups for job in group.counted]
+    written.append(_plot(groups, out / "curves.png"))
+    if any(job.timed for job in counted):
+        written.append(_plot_against_time(groups, out / "curves_time.png"))
+    if any(job.flow for job in counted):
+        written.append(_plot_gradient_flow(groups, out / "gradient_flow.png"))
     distance = next((k for k in swept if k.endswith("distance")), None)
     if distance and any(row.get("best val/answer_acc") is not None for row in rows):
-        written.append(_plot_answer_accuracy(rows, distance, swept, out / "answer_accuracy.png"))
+        written.append(_plot_answer_accuracy(groups, distance, out / "answer_accuracy.png"))
     return written
 
 
-def _label(job: Job, swept: list[str]) -> str:
-    return ", ".join(f"{k}={job.values.get(k, '')}" for k in swept) or job.name
+def _label(group: Group, note: str = "") -> str:
+    notes = [note] if note else []
+    if len(group.counted) > 1:
+        notes.append(f"mean of {len(group.counted)} ± std")
+    label = ", ".join(f"{k}={v}" for k, v in group.values.items()) or \
+        (group.jobs[0].name if len(group.jobs) == 1 else "runs")  # only the seed was swept
+    return f"{label} ({'; '.join(notes)})" if notes else label
 
 
 def _new_figure():
@@ -480,16 +581,39 @@ def _save(figure, axes, path: Path) -> Path:
     return path
 
 
-def _plot(jobs: list[Job], swept: list[str], path: Path) -> Path:
+def _draw(axes, curves: list[list[tuple[float, float]]], label: str, log_scale: bool = False, **style) -> None:
+    """One job's curve as logged, or a group's: the mean over the x range every curve covers, each interpolated
+    linearly onto the x values of them all, with a band of ± one sample standard deviation. ``log_scale``: the
+    values span orders of magnitude, so the mean and the band are taken of their logarithms (a geometric mean)."""
+    import numpy as np
+
+    curves = [sorted(c) for c in curves if c]
+    if not curves:
+        return
+    if len(curves) == 1:
+        [(x, y)] = [zip(*curves[0], strict=True)]
+        axes.plot(x, y, label=label, **style)
+        return
+    low, high = max(c[0][0] for c in curves), min(c[-1][0] for c in curves)
+    x = np.unique([px for c in curves for px, _ in c if low <= px <= high])
+    ys = np.array([np.interp(x, [px for px, _ in c], [py for _, py in c]) for c in curves])
+    ys = np.log10(ys) if log_scale else ys
+    mean, std = ys.mean(0), ys.std(0, ddof=1)
+    back = (lambda v: 10 ** v) if log_scale else (lambda v: v)
+    [line] = axes.plot(x, back(mean), label=label, **style)
+    axes.fill_between(x, back(mean - std), back(mean + std), color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def _plot(groups: list[Group], path: Path) -> Path:
     figure, axes = _new_figure()
-    for job in jobs:
-        points = job.logged.get("val/loss", [])
-        if not points:
-            continue
-        seen = job.logged.get("train/tokens_seen", [])
-        x = [_tokens_at(step, seen) if seen else step for step, _ in points]
-        axes.plot(x, [v for _, v in points], marker="o", markersize=3, label=_label(job, swept))
-    axes.set_xlabel("tokens seen" if any("train/tokens_seen" in job.logged for job in jobs) else "step")
+    by_tokens = any("train/tokens_seen" in job.logged for group in groups for job in group.counted)
+    for group in groups:
+        curves = []
+        for job in group.counted:
+            seen = job.logged.get("train/tokens_seen", [])
+            curves.append([(_tokens_at(step, seen) if seen else step, v) for step, v in job.logged.get("val/loss", [])])
+        _draw(axes, curves, _label(group), marker="o", markersize=3)
+    axes.set_xlabel("tokens seen" if by_tokens else "step")
     axes.set_ylabel("validation loss (nats per token)")
     axes.grid(alpha=0.3)
     return _save(figure, axes, path)
@@ -501,49 +625,60 @@ def _tokens_at(step: int, seen: list[tuple[int, float]]) -> float:
     return before[-1] if before else 0.0
 
 
-def _plot_against_time(jobs: list[Job], swept: list[str], path: Path) -> Path:
+def _plot_against_time(groups: list[Group], path: Path) -> Path:
     figure, axes = _new_figure()
-    for job in jobs:
-        if job.timed:
-            axes.plot([t / 60 for t, _ in job.timed], [v for _, v in job.timed], marker="o", markersize=3,
-                      label=_label(job, swept))
+    for group in groups:
+        _draw(axes, [[(t / 60, v) for t, v in job.timed] for job in group.counted], _label(group), marker="o",
+              markersize=3)
     axes.set_xlabel("training time (minutes, from the first logged value)")
     axes.set_ylabel("validation loss (nats per token)")
     axes.grid(alpha=0.3)
     return _save(figure, axes, path)
 
 
-def _plot_gradient_flow(jobs: list[Job], swept: list[str], path: Path) -> Path:
-    """Each job's last measured ‖∂L/∂h_{T-k}‖ against k, relative to k = 0, on one log scale."""
+def _plot_gradient_flow(groups: list[Group], path: Path) -> Path:
+    """Each job's (or group's) last measured ‖∂L/∂h_{T-k}‖ against k, relative to k = 0, on one log scale."""
     figure, axes = _new_figure()
-    for job in jobs:
-        if not job.flow:
-            continue
-        last, norms = job.flow
-        axes.semilogy(range(len(norms)), [max(n / norms[0], 1e-30) if norms[0] else math.nan for n in norms],
-                      label=f"{_label(job, swept)} (step {last})")
+    for group in groups:
+        flows = [job.flow for job in group.counted if job.flow and job.flow[1][0]]
+        steps = sorted({last for last, _ in flows})
+        curves = [[(k, max(n / norms[0], 1e-30)) for k, n in enumerate(norms)] for _, norms in flows]
+        _draw(axes, curves, _label(group, f"step {', '.join(map(str, steps))}"), log_scale=True)
+    axes.set_yscale("log")
     axes.set_xlabel("k: steps back from the prediction")
     axes.set_ylabel("‖∂L/∂h(T−k)‖ / ‖∂L/∂h(T)‖")
     axes.grid(alpha=0.3, which="both")
     return _save(figure, axes, path)
 
 
-def _plot_answer_accuracy(rows: list[dict], distance: str, swept: list[str], path: Path) -> Path:
+def _plot_answer_accuracy(groups: list[Group], distance: str, path: Path) -> Path:
     """The best validation answer accuracy against the swept distance, one line per value of the other swept
-    settings (e.g. per model)."""
-    others = [k for k in swept if k != distance]
-    lines: dict[str, list[tuple[float, float]]] = {}
-    for row in rows:
-        if row.get("best val/answer_acc") is not None:
-            label = ", ".join(f"{k}={row[k]}" for k in others) or "runs"
-            lines.setdefault(label, []).append((float(row[distance]), row["best val/answer_acc"]))
+    settings (e.g. per model); a group of seeds is its mean with an error bar of ± one sample standard deviation."""
+    lines: dict[str, list[tuple[float, float, float]]] = {}
+    for group in groups:
+        accuracies = [max(v for _, v in job.logged["val/answer_acc"]) for job in group.counted
+                      if job.logged.get("val/answer_acc")]
+        if accuracies and group.values.get(distance):
+            label = ", ".join(f"{k}={v}" for k, v in group.values.items() if k != distance) or "runs"
+            mean, std = _mean_std(accuracies)
+            lines.setdefault(label, []).append((float(group.values[distance]), mean, std or 0.0))
+    repeated = any(len(group.counted) > 1 for group in groups)
     figure, axes = _new_figure()
     for label, points in lines.items():
-        points.sort()
-        axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+        x, mean, std = zip(*sorted(points), strict=True)
+        if repeated:
+            axes.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label)
+        else:
+            axes.plot(x, mean, marker="o", label=label)
+    keys = {job.keys for group in groups for job in group.counted}
+    if len(keys) == 1 and (only := keys.pop()):  # one task: where guessing lands
+        axes.axhline(1 / only, color="grey", linestyle="--", linewidth=1, label=f"chance (1/{only})")
     axes.set_xscale("log")
+    distances = sorted({x for points in lines.values() for x, _, _ in points})
+    axes.set_xticks(distances, [f"{d:g}" for d in distances])
+    axes.minorticks_off()
     axes.set_xlabel(distance)
-    axes.set_ylabel("best validation answer accuracy")
+    axes.set_ylabel("best validation answer accuracy" + (" (mean ± std over seeds)" if repeated else ""))
     axes.set_ylim(0, 1.02)
     axes.grid(alpha=0.3, which="both")
     return _save(figure, axes, path)
