@@ -277,21 +277,25 @@ class ProgressLog(L.Callback):
         if trainer.sanity_checking:
             return
         metrics, step, total = trainer.callback_metrics, trainer.global_step, trainer.estimated_stepping_batches
-        parts = [f"step {step:,}" + (f"/{total:,}" if math.isfinite(total) else ""), f"epoch {trainer.current_epoch}"]
+        elapsed = time.monotonic() - self._started
+        done = step - self._first_step
+        eta = elapsed / done * (total - step) if math.isfinite(total) and done > 0 and total > step else math.inf
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time
+        remaining = timer.time_remaining("train") if timer is not None else None
+        # A run stopped by trainer.max_time first does not reach its step bound: showing that bound would mislead.
+        time_bound = remaining is not None and max(remaining, 0.0) < eta
+        if time_bound:
+            eta = max(remaining, 0.0)
+        parts = [f"step {step:,}" + (f"/{total:,}" if math.isfinite(total) and not time_bound else ""),
+                 f"epoch {trainer.current_epoch}"]
         parts += [f"{k} {float(metrics[k]):.4f}" for k in ("val/loss", "val/ppl", "val/bpc") if k in metrics]
         seen = float(self._counter.seen) if self._counter else self._seen
         if seen > self._seen and self._training_s > 0:
             parts.append(f"{(seen - self._seen) / self._training_s:,.0f} tok/s")
         self._seen, self._training_s = seen, 0.0
-        elapsed = time.monotonic() - self._started
         parts.append(f"elapsed {_duration(elapsed)}")
-        done = step - self._first_step
-        eta = elapsed / done * (total - step) if math.isfinite(total) and done > 0 and total > step else math.inf
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time
-        if timer is not None and timer.time_remaining("train") is not None:
-            eta = min(eta, max(timer.time_remaining("train"), 0.0))
         if math.isfinite(eta):
-            parts.append(f"ETA {_duration(eta)}")
+            parts.append(f"ETA {_duration(eta)}" + (" (trainer.max_time)" if time_bound else ""))
         log.info(" | ".join(parts))
 
 
