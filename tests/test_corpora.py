@@ -65,6 +65,19 @@ def test_lone_file_is_split_by_character_fractions_as_nanogpt_splits_it(tmp_path
     assert lines.count("test") == lines.count("valid") > 0  # by lines too, a test fraction of 0 tests on valid
 
 
+
+@pytest.mark.parametrize("split, holdout, noted", [((0.9, 0.1, 0.0), True, True), ((0.9, 0.05, 0.05), True, False),
+                                                   ((0.9, 0.1, 0.0), False, False)])
+def test_a_split_without_test_text_says_that_testing_repeats_validation(tmp_path, split, holdout, noted):
+    from rnnlm.batches import data_source
+
+    path = tmp_path / "t.txt"
+    path.write_text("a line of text\n" * 50)
+    source = data_source(None, str(path), str(tmp_path), str(tmp_path), split, holdout=holdout)
+    said = [note for note in source.notes if "leaves no test text" in note]
+    assert said == (["data.split=[0.9,0.1,0] leaves no test text: the test split is the validation text"]
+                    if noted else [])
+
 def test_too_small_corpus_is_refused_not_scored_on_its_training_text(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("just one line\n" * 10)

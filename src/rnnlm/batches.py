@@ -283,4 +283,8 @@ def data_source(corpus: str | None, path: str | None, data_dir: str, cache_dir: 
     else:
         src = named_source(corpus, Path(data_dir).expanduser(), allow_download=download)
     src = dataclasses.replace(src, split=tuple(split), split_by=split_by)
+    if "all" in src.files and split[2] <= 0 and holdout:  # else test/ metrics would silently repeat val/'s
+        shown = "[" + ",".join(f"{f:g}" for f in split) + "]"
+        note = f"data.split={shown} leaves no test text: the test split is the validation text"
+        src = dataclasses.replace(src, notes=[*src.notes, note])
     return src if holdout else training_text_everywhere(src)
