@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from helpers import REPO
 from rnnlm.cells import BUILT_IN, RecurrentCell, uniform_parameter
-from rnnlm.checkpoint import load_checkpoint
+from rnnlm.checkpoint import CheckpointError, load_checkpoint
 from rnnlm.commands.cli import CONF_DIR
 from rnnlm.commands.export import export_model
 from rnnlm.commands.generate import generate_texts
@@ -145,6 +145,10 @@ def test_safetensors_loads_back_into_the_same_network(train_tiny, tmp_path):
         assert sorted(fh.keys()) == sorted(loaded.net.state_dict())
     tokens = torch.randint(len(loaded.vocab), (3, 20), generator=torch.Generator().manual_seed(0))
     assert torch.equal(exported.net(tokens)[0], loaded.net(tokens)[0])
+    # given to generate, score or inspect, it is named for what it is, with the file to give instead
+    with pytest.raises(CheckpointError, match=r"model.safetensors is an rnnlm-export file, not a checkpoint: give the "
+                                              r"\.ckpt it was exported from"):
+        load_checkpoint(path)
 
 
 def test_tied_weights_are_stored_once_and_tied_again(tmp_path):

@@ -252,6 +252,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: give ckpt_path=RUN/checkpoints/last.ckpt")
     if not written_by_torch(path):
+        if path.suffix in (".safetensors", ".onnx"):  # what rnnlm-export writes: for other programs, not for rnnlm's
+            raise CheckpointError(
+                f"{path} is an rnnlm-export file, not a checkpoint: give the .ckpt it was exported from (in Python, "
+                "rnnlm.exporting.load_safetensors reads a .safetensors file; examples/onnx_generate.py runs a .onnx)")
         raise CheckpointError(f"{path} is not a checkpoint file (torch.save writes them): "
                               "give ckpt_path=RUN/checkpoints/last.ckpt or best.ckpt")
     try:
