@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 NANOGPT = {
     1: dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, learning_rate=1e-3),
     5: dict(n_layer=4, n_head=4, n_embd=192, block_size=128, batch_size=16, dropout=0.0, learning_rate=1e-3),
-    20: dict(n_layer=6, n_head=6, n_embd=256, block_size=128, batch_size=24, dropout=0.1, learning_rate=1e-3),
+    20: dict(n_layer=6, n_head=4, n_embd=256, block_size=128, batch_size=24, dropout=0.1, learning_rate=1e-3),
 }
 EVALS = 10  # validation points on each side's curve
 
@@ -88,8 +88,8 @@ def nanogpt_seconds_per_iteration(nanogpt: Path, settings: dict, work: Path) -> 
     return statistics.median(steps), stamps[0]
 
 
-def nanogpt_run(nanogpt: Path, minutes: int, work: Path, scale: float) -> dict:
-    settings = NANOGPT[minutes]
+def nanogpt_run(nanogpt: Path, minutes: int, work: Path, scale: float, changes: dict | None = None) -> dict:
+    settings = NANOGPT[minutes] | (changes or {})
     per_iteration, start = nanogpt_seconds_per_iteration(nanogpt, settings, work)
     evals = EVALS * 2 * 20 * per_iteration / 3  # each eval: 20 batches of train and of valid, forward only
     max_iters = max(EVALS, int((minutes * 60 * scale - evals) / per_iteration) // EVALS * EVALS)
@@ -207,25 +207,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "race")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink every budget (a quick check of the script)")
     parser.add_argument("--only", choices=["rnnlm", "nanoGPT"], help="run one side only")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs that --out's race.json holds and run only the others")
+    parser.add_argument("--nanogpt-settings", type=json.loads, default={}, metavar="JSON",
+                        help='change nanoGPT\'s settings for every budget, e.g. \'{"n_embd": 128, "block_size": 64}\'')
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("RNNLM_DATA_DIR", REPO / "data")))
     args = parser.parse_args()
     nanogpt = args.nanogpt.resolve()
     if not (nanogpt / "train.py").is_file() or not (nanogpt / "model.py").is_file():
         sys.exit(f"--nanogpt {args.nanogpt}: not a checkout of nanoGPT (no train.py and model.py)")
     prepare_nanogpt_data(nanogpt, args.data / "tinyshakespeare" / "input.txt")
-    results = []
+    saved = args.out / "race.json"
+    results = json.loads(saved.read_text()) if args.resume and saved.is_file() else []
+    done = {(r["round"], r["minutes"], r["side"]) for r in results}
     for round_ in range(args.rounds):
         for minutes in args.budgets:
             work = args.out / f"round{round_ + 1}"
             work.mkdir(parents=True, exist_ok=True)
             sides = [("rnnlm", rnnlm_run, (minutes, work, args.scale, round_ + 1)),
-                     ("nanoGPT", nanogpt_run, (nanogpt, minutes, work, args.scale))]
+                     ("nanoGPT", nanogpt_run, (nanogpt, minutes, work, args.scale, args.nanogpt_settings))]
             for name, run, arguments in sides if round_ % 2 == 0 else sides[::-1]:
-                if args.only not in (None, name):
+                if args.only not in (None, name) or (round_ + 1, minutes, name) in done:
                     continue
                 results.append(run(*arguments) | {"round": round_ + 1})
                 print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
-            write_report(results, args.out)
+                write_report(results, args.out)  # after every run: a race cut short keeps what it measured
 
 
 if __name__ == "__main__":
