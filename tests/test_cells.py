@@ -146,6 +146,33 @@ def test_scratch_equals_fused_outputs_and_gradients(cell, bidirectional):
     torch.testing.assert_close(restored(x1, state)[0], out_f, rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("impl", ["fused", "scratch"])
+def test_lstm_forget_bias_starts_the_forget_gate_there_and_draws_the_same_weights(impl):
+    """model.forget_bias=2: b_f (the sum of torch.nn's two biases' forget blocks) starts at 2 in both forms, the forms
+    agree once converted, every other weight is the one the seed draws without it, and the forget gate starts open."""
+    def stack(**settings):
+        torch.manual_seed(0)
+        return RecurrentStack("lstm", 5, 7, num_layers=2, impl=impl, cell_settings=settings)
+
+    plain, biased = stack().fused_state_dict(), stack(forget_bias=2.0).fused_state_dict()
+    forget = slice(7, 14)  # torch.nn's blocks: i, f, g, o
+    for name in plain:
+        if name.startswith("bias_ih"):
+            b_f = biased[name][forget] + biased[name.replace("ih", "hh")][forget]
+            torch.testing.assert_close(b_f, torch.full((7,), 2.0))
+        if name.startswith("bias"):  # the other blocks as drawn
+            assert torch.equal(biased[name][:7], plain[name][:7]) and torch.equal(biased[name][14:], plain[name][14:])
+        else:
+            assert torch.equal(biased[name], plain[name]), name
+    other = RecurrentStack("lstm", 5, 7, num_layers=2, impl="scratch" if impl == "fused" else "fused")
+    other.load_fused_state_dict(biased)
+    x = torch.randn(3, 6, 5)
+    torch.testing.assert_close(stack(forget_bias=2.0)(x)[0], other(x)[0], rtol=1e-5, atol=1e-5)
+    cell = stack(forget_bias=2.0).cells[0]
+    forget_gate = cell.gates(torch.zeros(3, 5), cell.zero_state(3, x))["forget"]
+    torch.testing.assert_close(forget_gate, torch.full((3, 7), sigmoid(2.0)))
+
 def test_language_model_weights_convert_between_implementations():
     torch.manual_seed(0)
     fused = LanguageModel(NetworkConfig(40, "gru", 8, [16, 12], 2, 0.0, impl="fused")).eval()

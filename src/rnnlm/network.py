@@ -187,6 +187,9 @@ class NetworkConfig:
             return [problem]
         cell = cell_class(name, impl)
         problems += _cell_setting_problems(cell, name, model)
+        if model.get("init_all") and model.get("forget_bias") is not None:
+            problems.append(f"model.forget_bias={shown(model['forget_bias'])} is undone by model.init_all=true, which "
+                            "draws every bias afterwards (the forget gate's too): set one of them, not both")
         for feature, (key, off) in FEATURES.items():
             value = model.get(feature, 0)
             if value and feature not in cell.supports:

@@ -8,6 +8,10 @@
     h_t = o_t∘tanh(C_t)
 
 Its state is the pair (h, C); the cell state's additive update carries gradients across many steps.
+
+``model.forget_bias=1`` starts b_f at 1 rather than drawing it like the other biases (as Jozefowicz et al. 2015
+advise): f_t starts near σ(1) = 0.73 rather than 0.5, so the cell state keeps more of itself from the first
+step, and gradients reach further back while the weights are still small.
 """
 
 from __future__ import annotations
@@ -17,7 +21,22 @@ from torch import Tensor
 
 from rnnlm.cells.fused import ONEDNN_LINEAR, FusedCell
 from rnnlm.cells.textbook import TextbookCell
+from rnnlm.schema import number
 from rnnlm.state import CellState
+
+SETTINGS = {"forget_bias": number(null=True)}
+
+
+@torch.no_grad()
+def start_forget_gate(blocks: list[Tensor], value: float | None) -> None:
+    """Start b_f, the forget gate's bias, at ``value`` (None: leave it as drawn). ``blocks`` are the forget-gate
+    parts (H,) of the biases whose sum is b_f: the first takes ``value``, the others 0. It runs after every weight
+    is drawn, so that a seed draws the same weights with it or without."""
+    if value is None:
+        return
+    blocks[0].fill_(value)
+    for block in blocks[1:]:
+        block.zero_()
 
 
 def lstm_update(preactivations: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,11 +55,18 @@ def lstm_gates(preactivations: Tensor) -> dict[str, Tensor]:
 class FusedLSTM(FusedCell):
     """The LSTM on torch's kernels (``torch.nn.LSTM``'s weights; torch.nn keeps two biases, ``b`` is their sum)."""
 
+    settings = SETTINGS
     state_names = ("h", "c")
     gate_names = ("input", "forget", "output")
     gate_count = 4
     kernel = torch.lstm
     packs = True
+
+    def __init__(self, input_size: int, hidden_size: int, forget_bias: float | None = None):
+        super().__init__(input_size, hidden_size)
+        self.forget_bias = forget_bias
+        forget = slice(hidden_size, 2 * hidden_size)  # torch.nn's blocks: i, f, g, o
+        start_forget_gate([self.bias_ih[forget], self.bias_hh[forget]], forget_bias)
 
     def step(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
         h, c = torch.lstm_cell(x, state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
@@ -122,9 +148,15 @@ class ScratchLSTM(TextbookCell):
     """The LSTM as written above: :class:`LSTMLoop` runs it over time, with back-propagation through time written
     out."""
 
+    settings = SETTINGS
     state_names = ("h", "c")
     gate_names = ("input", "forget", "output")
     gate_letters = ("i", "f", "g", "o")
+
+    def __init__(self, input_size: int, hidden_size: int, forget_bias: float | None = None):
+        super().__init__(input_size, hidden_size)
+        self.forget_bias = forget_bias
+        start_forget_gate([self.b_f], forget_bias)
 
     def forward(self, x: Tensor, state: CellState) -> tuple[Tensor, CellState]:
         xw, w_h = self.projected(x)
