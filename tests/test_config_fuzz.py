@@ -191,6 +191,8 @@ def test_every_bad_value_of_every_key_works_or_is_refused_naming_the_key(command
         ("train", ["model=minlstm", "model.nonlinearity=relu"], "model.nonlinearity applies to model=rnn only"),
         ("train", ["model=gru", "+model.forget_bias=1"], "model.forget_bias=1 applies to model=lstm only (gru does not read it)"),
         ("train", ["model=lstm", "model.forget_bias=abc"], "model.forget_bias=abc must be a number (or null)"),
+        ("train", ["model=lstm", "~model.forget_bias"], "~model.forget_bias deletes nothing (model.forget_bias, a "
+                                                         "setting of model=lstm only, is null or absent)"),
         ("train", ["model=lstm", "model.forget_bias=1", "model.init_all=true"],
          "model.forget_bias=1 is undone by model.init_all=true"),
         ("train", ["model=rnn", "model.cell=lstm", "model.nonlinearity=relu"],

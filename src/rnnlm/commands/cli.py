@@ -324,7 +324,10 @@ def describe_hydra_error(err: HydraException, command: str = "train", also_known
         from rnnlm.schema import TABLES, settings_table
 
         key = unknown[1] or unknown[2]
-        if command == "train" and (owner := _cell_owning(key)):  # model=lstm model.nonlinearity=relu
+        owner = _cell_owning(key) if command == "train" else None
+        if owner and unknown[0].startswith("Could not delete"):  # ~model.forget_bias: null (model=lstm) or absent
+            return f"~{key} deletes nothing ({key}, a setting of model={owner} only, is null or absent): drop ~{key}"
+        if owner:  # model=lstm model.nonlinearity=relu
             return (f"{key} applies to model={owner} only (the chosen cell does not read it): drop it, or use "
                     f"model={owner}")
         if key in also_known:  # ~model.<setting of the user's cell>: absent unless given, so its default holds
